@@ -1,0 +1,209 @@
+"""Hyperparameters of the plugin's algorithms: search space and validation.
+
+Each :class:`HParam` is a ``(default, random)`` pair in DomainBed's sense: the
+default is what ``default_hparams`` returns, and ``sample`` draws the value of
+``random_hparams`` from a ``numpy.random.RandomState`` that DomainBed seeds per
+hyperparameter name (``misc.seed_hash(seed, name)``), so adding a name never
+changes the values drawn for another.
+
+Names DomainBed already defines (``lr``, ``weight_decay``, ``batch_size``, and
+``meta_lr`` for Fish: default 0.5, search {0.05, 0.1, 0.5}) are not repeated here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from domainbed_fish.optim import OPTIMIZERS
+
+Sampler = Callable[[np.random.RandomState], Any]
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter: its name, default, random-search distribution and meaning."""
+
+    name: str
+    default: Any
+    sample: Sampler
+    doc: str
+
+
+def _fixed(value: Any) -> Sampler:
+    return lambda r: value
+
+
+EPSILON_CONVENTIONS = ("meta_lr", "meta_lr/meta_steps")
+
+FISH_HPARAMS: tuple[HParam, ...] = (
+    HParam("meta_steps", None, _fixed(None),
+           "domains per outer step (distinct, sampled at random when fewer than all); "
+           "None: every training domain, as DomainBed's built-in Fish"),
+    HParam("fish_random_order", False, _fixed(False),
+           "visit the domains in a new random order every outer step (what the paper's "
+           "Theorem 3.1 assumes); False: environment order, as the built-in"),
+    HParam("fish_inner_optimizer", "adam", _fixed("adam"),
+           f"inner-loop optimizer, one of {OPTIMIZERS}"),
+    HParam("fish_inner_momentum", 0.9, _fixed(0.9),
+           "momentum of the inner optimizer when it is 'sgd'"),
+    HParam("fish_reload_inner_state", True, _fixed(True),
+           "carry the inner optimizer's state over between outer steps (DomainBed, "
+           "WILDS); False: a fresh inner optimizer every step (official CdSprites code)"),
+    HParam("fish_epsilon", "meta_lr", _fixed("meta_lr"),
+           "outer step size ε: 'meta_lr' (DomainBed) or 'meta_lr/meta_steps' (official "
+           "WILDS code)"),
+    HParam("fish_warmup_steps", 0, _fixed(0),
+           "plain ERM steps before Fish starts (the official WILDS recipe's pretrain_iters)"),
+    HParam("gip_every", 20, _fixed(20),
+           "measure the gradient inner product at the weights before the step every this "
+           "many Fish steps (it costs one extra forward/backward per domain); 0: never"),
+)
+
+IDGM_HPARAMS: tuple[HParam, ...] = (
+    HParam("idgm_gamma", 0.1, lambda r: float(10 ** r.uniform(-3, 0)),
+           "γ, the weight of the gradient inner product in L_erm − γĜ"),
+    HParam("idgm_penalty_anneal_iters", 500, lambda r: int(10 ** r.uniform(0, 4)),
+           "steps of plain ERM (γ = 0) before the penalty switches on, with an optimizer "
+           "reset at the switch, as DomainBed's IRM and VREx"),
+    HParam("idgm_optimizer", "adam", _fixed("adam"),
+           f"optimizer, one of {OPTIMIZERS}"),
+)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(
+        f"hyperparameter {name!r} = {value!r} is invalid: allowed {allowed}. "
+        f"Fix it in --hparams (e.g. --hparams '{{\"{name}\": ...}}')."
+    )
+
+
+def _number(hparams: Mapping[str, Any], name: str) -> float:
+    value = hparams[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise _bad(name, value, "a number")
+    return float(value)
+
+
+def _integer(hparams: Mapping[str, Any], name: str, low: int) -> int:
+    value = hparams[name]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise _bad(name, value, f"an integer >= {low}")
+    return int(value)
+
+
+def _boolean(hparams: Mapping[str, Any], name: str) -> bool:
+    value = hparams[name]
+    if not isinstance(value, (bool, np.bool_)):
+        raise _bad(name, value, "true or false")
+    return bool(value)
+
+
+def _choice(hparams: Mapping[str, Any], name: str, choices: tuple[str, ...]) -> str:
+    value = hparams[name]
+    if value not in choices:
+        raise _bad(name, value, "one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+def _require(hparams: Mapping[str, Any], specs: tuple[HParam, ...], extra: tuple[str, ...]):
+    missing = [n for n in (*extra, *(s.name for s in specs)) if n not in hparams]
+    if missing:
+        raise ValueError(
+            f"missing hyperparameters {missing}: build them with DomainBed's "
+            "hparams_registry.default_hparams / random_hparams, which know them once "
+            "domainbed_fish is installed (or domainbed_fish.register() was called)."
+        )
+
+
+@dataclass(frozen=True)
+class FishConfig:
+    """Validated Fish settings (see :data:`FISH_HPARAMS` for their meaning)."""
+
+    lr: float
+    weight_decay: float
+    meta_lr: float
+    meta_steps: int | None
+    random_order: bool
+    inner_optimizer: str
+    inner_momentum: float
+    reload_inner_state: bool
+    epsilon: str
+    warmup_steps: int
+    gip_every: int
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any], num_domains: int) -> FishConfig:
+        """Validate DomainBed-style ``hparams``; raise ``ValueError`` naming the culprit."""
+        _require(hparams, FISH_HPARAMS, ("lr", "weight_decay", "meta_lr"))
+        meta_lr = _number(hparams, "meta_lr")
+        if not 0.0 < meta_lr <= 1.0:
+            raise _bad("meta_lr", hparams["meta_lr"], "0 < meta_lr <= 1")
+        meta_steps = hparams["meta_steps"]
+        if meta_steps is not None:
+            meta_steps = _integer(hparams, "meta_steps", 1)
+            if meta_steps > num_domains:
+                raise _bad("meta_steps", meta_steps,
+                           f"1 <= meta_steps <= {num_domains} (the number of training "
+                           "domains), or null for all of them")
+        lr = _number(hparams, "lr")
+        if lr <= 0:
+            raise _bad("lr", hparams["lr"], "lr > 0")
+        weight_decay = _number(hparams, "weight_decay")
+        if weight_decay < 0:
+            raise _bad("weight_decay", hparams["weight_decay"], "weight_decay >= 0")
+        momentum = _number(hparams, "fish_inner_momentum")
+        if not 0.0 <= momentum < 1.0:
+            raise _bad("fish_inner_momentum", hparams["fish_inner_momentum"], "0 <= momentum < 1")
+        return cls(
+            lr=lr,
+            weight_decay=weight_decay,
+            meta_lr=meta_lr,
+            meta_steps=meta_steps,
+            random_order=_boolean(hparams, "fish_random_order"),
+            inner_optimizer=_choice(hparams, "fish_inner_optimizer", OPTIMIZERS),
+            inner_momentum=momentum,
+            reload_inner_state=_boolean(hparams, "fish_reload_inner_state"),
+            epsilon=_choice(hparams, "fish_epsilon", EPSILON_CONVENTIONS),
+            warmup_steps=_integer(hparams, "fish_warmup_steps", 0),
+            gip_every=_integer(hparams, "gip_every", 0),
+        )
+
+
+@dataclass(frozen=True)
+class IDGMConfig:
+    """Validated IDGM settings (see :data:`IDGM_HPARAMS` for their meaning)."""
+
+    lr: float
+    weight_decay: float
+    gamma: float
+    penalty_anneal_iters: int
+    optimizer: str
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> IDGMConfig:
+        """Validate DomainBed-style ``hparams``; raise ``ValueError`` naming the culprit."""
+        _require(hparams, IDGM_HPARAMS, ("lr", "weight_decay"))
+        gamma = _number(hparams, "idgm_gamma")
+        if gamma < 0 or math.isinf(gamma):
+            raise _bad("idgm_gamma", hparams["idgm_gamma"], "a finite idgm_gamma >= 0")
+        lr = _number(hparams, "lr")
+        if lr <= 0:
+            raise _bad("lr", hparams["lr"], "lr > 0")
+        weight_decay = _number(hparams, "weight_decay")
+        if weight_decay < 0:
+            raise _bad("weight_decay", hparams["weight_decay"], "weight_decay >= 0")
+        return cls(
+            lr=lr,
+            weight_decay=weight_decay,
+            gamma=gamma,
+            penalty_anneal_iters=_integer(hparams, "idgm_penalty_anneal_iters", 0),
+            optimizer=_choice(hparams, "idgm_optimizer", OPTIMIZERS),
+        )

@@ -1,0 +1,232 @@
+"""Fish: first-order inter-domain gradient matching (Shi et al., ICLR 2022, Algorithm 1).
+
+One outer step, from weights θ:
+
+1. θ̃ ← θ (parameters and buffers);
+2. for each sampled domain i, in order: one optimizer step on θ̃ with the
+   cross-entropy of a minibatch of domain i;
+3. θ ← θ + ε (θ̃ − θ).
+
+With inner SGD of step α and a uniformly random domain order, Theorem 3.1 gives
+E[θ − θ̃] = αSḠ − (α²S(S−1)/4)∇Ĝ + O(α³): Fish's expected step is a gradient step
+on the IDGM objective L_erm − γĜ with γ = α(S−1)/4 (see ``idgm.py``).
+
+Unlike DomainBed's built-in Fish, which builds a new network and a new optimizer
+on every step, :class:`FishUpdater` keeps one inner network and one inner
+optimizer for the whole run and moves weights with in-place ``foreach`` ops.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from domainbed_fish.errors import NonFiniteLossError
+from domainbed_fish.gradients import Minibatches, gradient_inner_product
+from domainbed_fish.hparams import FishConfig
+from domainbed_fish.optim import make_optimizer, reset_optimizer_state
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def fish_epsilon(meta_lr: float, num_inner_steps: int, convention: str = "meta_lr") -> float:
+    """The outer step size ε of θ ← θ + ε(θ̃ − θ).
+
+    ``"meta_lr"``: ε = meta_lr (DomainBed's Fish).  ``"meta_lr/meta_steps"``:
+    ε = meta_lr / (number of inner steps), the official WILDS code's convention.
+    """
+    if convention == "meta_lr":
+        return meta_lr
+    if convention == "meta_lr/meta_steps":
+        return meta_lr / num_inner_steps
+    raise ValueError(f"unknown ε convention {convention!r}")
+
+
+def model_state_tensors(module: nn.Module) -> list[Tensor]:
+    """Parameters then buffers, the whole state Fish interpolates, in a stable order."""
+    return [*module.parameters(), *module.buffers()]
+
+
+@torch.no_grad()
+def copy_state_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """θ̃ ← θ, in place (no allocation, no module construction)."""
+    torch._foreach_copy_(list(dst), list(src))
+
+
+@torch.no_grad()
+def fish_meta_update_(meta: Sequence[Tensor], inner: Sequence[Tensor], epsilon: float) -> None:
+    """θ ← θ + ε(θ̃ − θ), in place, over parameters and buffers.
+
+    Floating-point tensors take three ``foreach`` ops (difference, scale, add),
+    the same arithmetic as DomainBed's state-dict version, so both produce
+    bitwise-identical weights; a fused ``lerp`` rounds differently, and Adam's
+    normalisation amplifies such 1-ulp differences to ~1e-3 within 20 steps.
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are interpolated in
+    floating point and truncated, as DomainBed's arithmetic does to them.
+    """
+    floats_meta, floats_inner = [], []
+    for m, i in zip(meta, inner, strict=True):
+        if m.is_floating_point():
+            floats_meta.append(m)
+            floats_inner.append(i)
+        else:
+            m.copy_(m + epsilon * (i - m))
+    if floats_meta:
+        step = torch._foreach_sub(floats_inner, floats_meta)
+        torch._foreach_mul_(step, epsilon)
+        torch._foreach_add_(floats_meta, step)
+
+
+def domain_schedule(
+    num_domains: int,
+    meta_steps: int | None,
+    random_order: bool,
+    generator: torch.Generator,
+) -> list[int]:
+    """Which domains the inner loop visits, in order.
+
+    All domains in environment order by default (DomainBed's Fish); ``meta_steps``
+    distinct domains drawn at random when fewer than all are wanted; a fresh
+    random permutation when ``random_order`` (the order Theorem 3.1 assumes).
+    """
+    count = num_domains if meta_steps is None else meta_steps
+    if count > num_domains:
+        raise ValueError(
+            f"meta_steps = {count} but this step has only {num_domains} domain minibatches"
+        )
+    if count == num_domains and not random_order:
+        return list(range(num_domains))
+    chosen = torch.randperm(num_domains, generator=generator)[:count].tolist()
+    return chosen if random_order else sorted(chosen)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+class FishUpdater:
+    """Fish's outer step on ``network``, with a persistent inner copy and optimizer.
+
+    Framework-free: DomainBed's ``Fish`` algorithm (``algorithms.py``) is a thin
+    wrapper around it.  ``network`` is trained in place.
+    """
+
+    def __init__(self, network: nn.Module, config: FishConfig, seed: int | None = None):
+        self.network = network
+        self.config = config
+        # Built once: the inner loop only ever copies weights into it.
+        self.inner_network = copy.deepcopy(network).train()
+        self.inner_optimizer = self._optimizer(self.inner_network, config.inner_optimizer)
+        # Used only by the ERM warm-up steps (fish_warmup_steps).
+        self.warmup_optimizer = self._optimizer(self.network, "adam")
+        self.generator = torch.Generator()
+        self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
+        self.num_updates = 0
+
+    def _optimizer(self, module: nn.Module, name: str) -> torch.optim.Optimizer:
+        c = self.config
+        return make_optimizer(name, module.parameters(), c.lr, c.weight_decay, c.inner_momentum)
+
+    # -- one update --------------------------------------------------------------------
+
+    def step(self, minibatches: Minibatches, order: Sequence[int] | None = None) -> dict[str, float]:
+        """One update: an ERM warm-up step, or one Fish outer step.
+
+        ``order`` overrides the domain schedule for this step (used to average
+        over all orders when checking Theorem 3.1).
+        """
+        if self.num_updates < self.config.warmup_steps:
+            stats = self._erm_step(minibatches)
+        else:
+            stats = self._fish_step(minibatches, order)
+        self.num_updates += 1
+        return stats
+
+    def _erm_step(self, minibatches: Minibatches) -> dict[str, float]:
+        x = torch.cat([x for x, _ in minibatches])
+        y = torch.cat([y for _, y in minibatches])
+        loss = F.cross_entropy(self.network(x), y)
+        self._check_finite([loss.detach()])
+        self.warmup_optimizer.zero_grad()
+        loss.backward()
+        self.warmup_optimizer.step()
+        return {"loss": loss.item()}
+
+    def _fish_step(self, minibatches: Minibatches, order: Sequence[int] | None) -> dict[str, float]:
+        c = self.config
+        if order is None:
+            order = domain_schedule(len(minibatches), c.meta_steps, c.random_order, self.generator)
+        order = list(order)
+        meta = model_state_tensors(self.network)
+        inner = model_state_tensors(self.inner_network)
+        stats: dict[str, float] = {}
+
+        fish_step_index = self.num_updates - c.warmup_steps
+        if c.gip_every and fish_step_index % c.gip_every == 0:
+            stats["gip"] = self.measure_gip(minibatches)
+
+        copy_state_(inner, meta)
+        if not c.reload_inner_state:
+            reset_optimizer_state(self.inner_optimizer)
+
+        losses = []
+        for i in order:
+            x, y = minibatches[i]
+            loss = F.cross_entropy(self.inner_network(x), y)
+            self.inner_optimizer.zero_grad()
+            loss.backward()
+            self.inner_optimizer.step()
+            losses.append(loss.detach())
+
+        # One synchronisation per step; θ is untouched until the check passes.
+        try:
+            self._check_finite(losses, order)
+        except NonFiniteLossError:
+            reset_optimizer_state(self.inner_optimizer)  # its moments saw the bad values
+            raise
+        fish_meta_update_(meta, inner, fish_epsilon(c.meta_lr, len(order), c.epsilon))
+        stats["loss"] = torch.stack(losses).mean().item()
+        return stats
+
+    def _check_finite(self, losses: list[Tensor], domains: list[int] | None = None) -> None:
+        finite = torch.isfinite(torch.stack(losses))
+        if bool(finite.all()):
+            return
+        bad = int((~finite).nonzero()[0, 0])
+        domain = domains[bad] if domains is not None else None
+        raise NonFiniteLossError("Fish", self.num_updates, domain, float(losses[bad]))
+
+    # -- diagnostic --------------------------------------------------------------------
+
+    def measure_gip(self, minibatches: Minibatches) -> float:
+        """Ĝ at the current weights θ, with no effect on training.
+
+        Measured on the inner copy (so θ's ``.grad`` and BatchNorm statistics stay
+        untouched) under a forked RNG (so dropout draws are the same as without
+        the measurement); the caller copies θ into the inner network afterwards.
+        """
+        meta = model_state_tensors(self.network)
+        copy_state_(model_state_tensors(self.inner_network), meta)
+        devices = sorted({t.device for t in meta if t.device.type == "cuda"}, key=str)
+        with torch.random.fork_rng(devices=devices):
+            return gradient_inner_product(self.inner_network, minibatches).item()
+
+    # -- checkpointing -----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_updates": self.num_updates,
+            "inner_optimizer": self.inner_optimizer.state_dict(),
+            "warmup_optimizer": self.warmup_optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.inner_optimizer.load_state_dict(state["inner_optimizer"])
+        self.warmup_optimizer.load_state_dict(state["warmup_optimizer"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,131 @@
+"""Exact IDGM: its gradient against a brute-force pairwise computation and finite
+differences; its annealing, checks and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import domain_minibatches, idgm_config, roundtrip, tiny_net
+from test_gradients import brute_force_gip
+
+from domainbed_fish.errors import NonFiniteLossError
+from domainbed_fish.gradients import per_domain_gradients, per_domain_losses
+from domainbed_fish.idgm import IDGMUpdater, idgm_gradient, idgm_objective
+
+GAMMA = 0.7
+
+
+def brute_force_idgm_gradient(net, batches, gamma):
+    """∇(L_erm − γ·mean_{i<j} G_i·G_j) with the pairs enumerated one by one."""
+    params = list(net.parameters())
+    losses = per_domain_losses(net, batches)
+    grads = per_domain_gradients(losses, params, create_graph=True)
+    objective = torch.stack(losses).mean() - gamma * brute_force_gip(grads)
+    return torch.autograd.grad(objective, params)
+
+
+@pytest.mark.parametrize("num_domains", [2, 3, 5])
+def test_gradient_matches_brute_force_pairs(num_domains):
+    net, batches = tiny_net(), domain_minibatches(num_domains=num_domains)
+    params = list(net.parameters())
+    ours = idgm_gradient(per_domain_losses(net, batches), params, GAMMA).grads
+    for a, b in zip(ours, brute_force_idgm_gradient(net, batches, GAMMA)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_matches_finite_differences():
+    net, batches = tiny_net(), domain_minibatches(num_domains=3)
+    params = list(net.parameters())
+    ours = torch.cat([g.reshape(-1) for g in idgm_gradient(per_domain_losses(net, batches), params, GAMMA).grads])
+    step = 1e-5
+    numeric = []
+    with torch.no_grad():
+        for p in params:
+            flat = p.view(-1)
+            for k in range(flat.numel()):
+                old = flat[k].item()
+                flat[k] = old + step
+                with torch.enable_grad():
+                    plus = idgm_objective(net, batches, GAMMA).item()
+                flat[k] = old - step
+                with torch.enable_grad():
+                    minus = idgm_objective(net, batches, GAMMA).item()
+                flat[k] = old
+                numeric.append((plus - minus) / (2 * step))
+    numeric = torch.tensor(numeric, dtype=ours.dtype)
+    torch.testing.assert_close(ours, numeric, rtol=1e-6, atol=1e-8)
+    # The penalty's contribution is far above the tolerance, so this is a real check.
+    erm = torch.cat([g.reshape(-1) for g in idgm_gradient(per_domain_losses(net, batches), params, 0.0).grads])
+    assert (ours - erm).abs().max() > 1e-3
+
+
+def test_gamma_zero_is_erm_gradient_on_equal_batches():
+    net, batches = tiny_net(), domain_minibatches(num_domains=3)
+    params = list(net.parameters())
+    result = idgm_gradient(per_domain_losses(net, batches), params, 0.0)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    erm = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), params)
+    for a, b in zip(result.grads, erm):
+        torch.testing.assert_close(a, b)
+    assert result.gip.item() != 0.0  # the diagnostic is still measured
+
+
+def test_penalty_annealing_and_optimizer_reset():
+    net, batches = tiny_net(), domain_minibatches()
+    updater = IDGMUpdater(net, idgm_config(idgm_gamma=0.3, idgm_penalty_anneal_iters=2))
+    weights = [updater.step(batches)["penalty_weight"] for _ in range(4)]
+    assert weights == [0.0, 0.0, 0.3, 0.3]
+    # Adam's step count restarted at the switch (step index 2): steps 2 and 3 only.
+    counts = {int(s["step"]) for s in updater.optimizer.state.values()}
+    assert counts == {2}
+
+
+def test_anneal_zero_starts_with_penalty_and_no_reset():
+    net, batches = tiny_net(), domain_minibatches()
+    updater = IDGMUpdater(net, idgm_config(idgm_gamma=0.3, idgm_penalty_anneal_iters=0))
+    stats = [updater.step(batches) for _ in range(3)]
+    assert [s["penalty_weight"] for s in stats] == [0.3] * 3
+    assert {int(s["step"]) for s in updater.optimizer.state.values()} == {3}
+    assert stats[0]["loss"] == pytest.approx(stats[0]["nll"] - 0.3 * stats[0]["gip"])
+
+
+def test_step_is_the_optimizer_applied_to_the_exact_gradient():
+    net, batches = tiny_net(), domain_minibatches()
+    before = [p.detach().clone() for p in net.parameters()]
+    expected = idgm_gradient(per_domain_losses(net, batches), list(net.parameters()), GAMMA).grads
+    updater = IDGMUpdater(net, idgm_config(idgm_gamma=GAMMA, idgm_penalty_anneal_iters=0, idgm_optimizer="sgd", lr=0.1))
+    updater.optimizer.param_groups[0]["momentum"] = 0.0
+    updater.step(batches)
+    for p, b, g in zip(net.parameters(), before, expected):
+        torch.testing.assert_close(p.detach(), b - 0.1 * g)
+
+
+def test_non_finite_loss_names_step_and_domain_and_keeps_weights():
+    net, batches = tiny_net(), domain_minibatches()
+    updater = IDGMUpdater(net, idgm_config(idgm_penalty_anneal_iters=0))
+    updater.step(batches)
+    before = [p.detach().clone() for p in net.parameters()]
+    bad = list(batches)
+    bad[2] = (torch.full_like(bad[2][0], float("nan")), bad[2][1])
+    with pytest.raises(NonFiniteLossError, match=r"step 1 on training domain 2") as info:
+        updater.step(bad)
+    assert (info.value.step, info.value.domain) == (1, 2)
+    for p, b in zip(net.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_checkpoint_resumes_identically():
+    batches = domain_minibatches()
+    a = IDGMUpdater(tiny_net(), idgm_config(idgm_penalty_anneal_iters=2))
+    for _ in range(3):
+        a.step(batches)
+    b = IDGMUpdater(tiny_net(seed=5), idgm_config(idgm_penalty_anneal_iters=2))
+    saved = roundtrip({"network": a.network.state_dict(), "idgm": a.state_dict()})
+    b.network.load_state_dict(saved["network"])
+    b.load_state_dict(saved["idgm"])
+    for _ in range(2):
+        a.step(batches)
+        b.step(batches)
+    for p, q in zip(a.network.parameters(), b.network.parameters()):
+        assert torch.equal(p, q)

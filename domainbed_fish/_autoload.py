@@ -1,0 +1,103 @@
+"""Start-up hook: register the plugin into DomainBed when DomainBed is imported.
+
+A ``.pth`` file installed next to the package imports this module at interpreter
+start-up.  It must stay cheap (budget: 5 ms on ``python -c pass``), so it imports
+nothing but ``sys`` and ``os`` (both already loaded by ``site``) and does no work
+until one of DomainBed's registry modules is imported.  At that moment it calls
+:func:`domainbed_fish.plugin.on_domainbed_import`, which adds the plugin's
+algorithms, hyperparameters, datasets and launchers to that module.
+
+Set ``DOMAINBED_FISH_AUTOLOAD=0`` to switch the hook off for a process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+#: DomainBed modules the plugin adds entries to, in no particular order.
+WATCHED_MODULES = frozenset(
+    {
+        "domainbed.algorithms",
+        "domainbed.hparams_registry",
+        "domainbed.datasets",
+        "domainbed.command_launchers",
+    }
+)
+
+_ENV_SWITCH = "DOMAINBED_FISH_AUTOLOAD"
+
+
+def _after_exec(module) -> None:
+    try:
+        from domainbed_fish import plugin
+
+        plugin.on_domainbed_import(module)
+    except Exception as exc:  # never break DomainBed itself because of the plugin
+        import warnings
+
+        warnings.warn(
+            f"domainbed-fish could not register into {module.__name__}: "
+            f"{type(exc).__name__}: {exc}. Call domainbed_fish.register() to see the "
+            "full error.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+class _PostImportFinder:
+    """A meta-path finder that only decorates the loaders of ``WATCHED_MODULES``.
+
+    It finds nothing itself: it asks the finders after it for the real spec and
+    wraps that loader's ``exec_module`` so the plugin runs once the module has
+    been fully executed.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in WATCHED_MODULES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is None:
+                continue
+            loader = spec.loader
+            if loader is not None and hasattr(loader, "exec_module"):
+                original_exec = loader.exec_module
+
+                def exec_module(module, _original=original_exec):
+                    _original(module)
+                    _after_exec(module)
+
+                loader.exec_module = exec_module
+            return spec
+        return None
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+def _add_domainbed_dir_to_path() -> None:
+    """Make ``DOMAINBED_DIR`` importable (appended, so an importable checkout wins)."""
+    root = os.environ.get("DOMAINBED_DIR")
+    if root and root not in sys.path:
+        sys.path.append(root)
+
+
+def install() -> None:
+    """Install the hook once per interpreter (idempotent)."""
+    if os.environ.get(_ENV_SWITCH, "1") == "0":
+        return
+    if any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        return
+    _add_domainbed_dir_to_path()
+    sys.meta_path.insert(0, _PostImportFinder())
+    # DomainBed may already be loaded (hook installed late, e.g. in a notebook).
+    for name in WATCHED_MODULES:
+        module = sys.modules.get(name)
+        if module is not None:
+            _after_exec(module)
+
+
+install()

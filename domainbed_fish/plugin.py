@@ -1,0 +1,194 @@
+"""All DomainBed glue: every registration into DomainBed's modules happens here.
+
+Registration is additive and idempotent.  DomainBed's own algorithms, datasets,
+hyperparameters and launchers behave exactly as before, except ``Fish``, whose
+name the plugin takes over; DomainBed's class stays available as
+``FishDomainBed``.  :func:`registered` lists what was added.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import FunctionType, ModuleType
+from typing import Any
+
+from domainbed_fish import registry
+from domainbed_fish.errors import UnknownNameError
+from domainbed_fish.locate import import_domainbed
+
+_MARK = "_domainbed_fish_registered"
+_added: dict[str, list[str]] = {}
+
+
+def _record(kind: str, name: str) -> None:
+    names = _added.setdefault(kind, [])
+    if name not in names:
+        names.append(name)
+
+
+# ----------------------------------------------------------------------------- algorithms
+
+
+class _GlobalsOverlay(dict):
+    """Function globals that pin some names and read everything else live from a module."""
+
+    def __init__(self, module_globals: dict, pinned: dict[str, Any]):
+        super().__init__(pinned)
+        self._module_globals = module_globals
+
+    def __missing__(self, key: str) -> Any:
+        return self._module_globals[key]
+
+
+def _pin_global(cls: type, name: str, value: Any, module: ModuleType) -> None:
+    """Make ``cls``'s methods see ``name`` as ``value`` whatever the module says.
+
+    DomainBed's classes call ``super(Fish, self)``, which looks ``Fish`` up in the
+    module's globals at call time; once the plugin owns that name the built-in
+    class would otherwise find the plugin's class there and fail.
+    """
+    overlay = _GlobalsOverlay(vars(module), {name: value, "__builtins__": vars(module)["__builtins__"]})
+    for attribute, function in list(vars(cls).items()):
+        if isinstance(function, FunctionType) and name in function.__code__.co_names:
+            pinned = FunctionType(
+                function.__code__, overlay, function.__name__, function.__defaults__, function.__closure__
+            )
+            pinned.__kwdefaults__ = function.__kwdefaults__
+            pinned.__qualname__ = function.__qualname__
+            pinned.__doc__ = function.__doc__
+            setattr(cls, attribute, pinned)
+
+
+def _with_clear_error(lookup, kind: str, names: list[str]):
+    @functools.wraps(lookup)
+    def get_class(name: str):
+        try:
+            return lookup(name)
+        except NotImplementedError:
+            raise UnknownNameError(kind, name, names) from None
+
+    get_class._domainbed_fish_wrapped = True
+    return get_class
+
+
+def register_algorithms(algorithms: ModuleType) -> None:
+    """Add the plugin's algorithms to ``domainbed.algorithms`` (globals and ``ALGORITHMS``)."""
+    if getattr(algorithms, _MARK, False):
+        return
+    for name, new_name in registry.RENAMED_BUILTINS.items():
+        builtin = getattr(algorithms, name)
+        _pin_global(builtin, name, builtin, algorithms)
+        setattr(algorithms, new_name, builtin)
+        if new_name not in algorithms.ALGORITHMS:
+            algorithms.ALGORITHMS.append(new_name)
+        _record("algorithms", new_name)
+    for name, target in registry.ALGORITHMS.items():
+        setattr(algorithms, name, registry.load(target))
+        if name not in algorithms.ALGORITHMS:
+            algorithms.ALGORITHMS.append(name)
+        _record("algorithms", name)
+    if not getattr(algorithms.get_algorithm_class, "_domainbed_fish_wrapped", False):
+        algorithms.get_algorithm_class = _with_clear_error(
+            algorithms.get_algorithm_class, "algorithm", algorithms.ALGORITHMS
+        )
+    setattr(algorithms, _MARK, True)
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+
+def _extended_hparams(original, seed_hash):
+    """Wrap DomainBed's ``_hparams(algorithm, dataset, random_seed)``.
+
+    DomainBed's names are computed by DomainBed itself (a renamed built-in under
+    its original name); the plugin's names are appended with DomainBed's seeding,
+    one ``RandomState(seed_hash(random_seed, name))`` per name.
+    """
+    import numpy as np
+
+    original_names = {new: old for old, new in registry.RENAMED_BUILTINS.items()}
+
+    @functools.wraps(original)
+    def _hparams(algorithm: str, dataset: str, random_seed: int) -> dict:
+        hparams = original(original_names.get(algorithm, algorithm), dataset, random_seed)
+        for spec in registry.HPARAMS.get(algorithm, ()):
+            if spec.name in hparams:
+                raise RuntimeError(
+                    f"domainbed-fish: hyperparameter {spec.name!r} of {algorithm} is already "
+                    "defined by DomainBed; this DomainBed version is not supported."
+                )
+            random_state = np.random.RandomState(seed_hash(random_seed, spec.name))
+            hparams[spec.name] = (spec.default, spec.sample(random_state))
+        return hparams
+
+    _hparams._domainbed_fish_wrapped = True
+    return _hparams
+
+
+def register_hparams(hparams_registry: ModuleType) -> None:
+    """Teach ``domainbed.hparams_registry`` the plugin's hyperparameters."""
+    if getattr(hparams_registry, _MARK, False):
+        return
+    misc = import_domainbed("lib.misc")
+    if not getattr(hparams_registry._hparams, "_domainbed_fish_wrapped", False):
+        hparams_registry._hparams = _extended_hparams(hparams_registry._hparams, misc.seed_hash)
+    for algorithm in registry.HPARAMS:
+        _record("hparams", algorithm)
+    setattr(hparams_registry, _MARK, True)
+
+
+# ----------------------------------------------------------------------------- datasets, launchers
+
+
+def register_datasets(datasets: ModuleType) -> None:
+    """Add the plugin's datasets to ``domainbed.datasets`` and a clear unknown-name error."""
+    if getattr(datasets, _MARK, False):
+        return
+    for name, target in registry.DATASETS.items():
+        setattr(datasets, name, registry.load(target))
+        if name not in datasets.DATASETS:
+            datasets.DATASETS.append(name)
+        _record("datasets", name)
+    if not getattr(datasets.get_dataset_class, "_domainbed_fish_wrapped", False):
+        datasets.get_dataset_class = _with_clear_error(datasets.get_dataset_class, "dataset", datasets.DATASETS)
+    setattr(datasets, _MARK, True)
+
+
+def register_launchers(command_launchers: ModuleType) -> None:
+    """Add the plugin's launchers to ``domainbed.command_launchers.REGISTRY``."""
+    if getattr(command_launchers, _MARK, False):
+        return
+    for name, target in registry.LAUNCHERS.items():
+        command_launchers.REGISTRY.setdefault(name, registry.load(target))
+        _record("launchers", name)
+    setattr(command_launchers, _MARK, True)
+
+
+_REGISTRARS = {
+    "domainbed.algorithms": register_algorithms,
+    "domainbed.hparams_registry": register_hparams,
+    "domainbed.datasets": register_datasets,
+    "domainbed.command_launchers": register_launchers,
+}
+
+
+def on_domainbed_import(module: ModuleType) -> None:
+    """Called by the start-up hook right after one of DomainBed's modules is executed."""
+    _REGISTRARS[module.__name__](module)
+
+
+def register() -> dict[str, list[str]]:
+    """Register everything into DomainBed now (idempotent); return what was added.
+
+    Raises:
+        DomainBedNotFoundError: DomainBed cannot be imported (the message says how
+            to provide it).
+    """
+    for module_name, registrar in _REGISTRARS.items():
+        registrar(import_domainbed(module_name.removeprefix("domainbed.")))
+    return registered()
+
+
+def registered() -> dict[str, list[str]]:
+    """What the plugin has added to DomainBed in this process, by kind."""
+    return {kind: list(names) for kind, names in _added.items()}

@@ -1,0 +1,63 @@
+"""Installation: the start-up hook is cheap, registers on DomainBed's import, and
+the missing-DomainBed message says how to provide it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from conftest import PYTHON, requires_domainbed, subprocess_env
+
+from domainbed_fish.locate import ENV_VAR
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=subprocess_env(**env), timeout=300)
+
+
+def test_startup_hook_imports_nothing_heavy():
+    out = run_python("import sys, json; print(json.dumps(sorted(sys.modules)))")
+    modules = set(json.loads(out.stdout))
+    if "domainbed_fish._autoload" not in modules:
+        pytest.skip("the package is not installed (pip install -e .), so its start-up .pth is absent")
+    assert not {m for m in modules if m.split(".")[0] in {"torch", "numpy", "domainbed"}}
+    assert {m for m in modules if m.startswith("domainbed_fish")} == {"domainbed_fish", "domainbed_fish._autoload"}
+
+
+def test_switch_turns_the_hook_off():
+    out = run_python("import sys; print('domainbed_fish._autoload' in sys.modules)", DOMAINBED_FISH_AUTOLOAD="0")
+    assert out.stdout.strip() == "False"
+
+
+@requires_domainbed
+def test_domainbed_import_registers_without_any_plugin_import():
+    code = "from domainbed import algorithms; print('IDGM' in algorithms.ALGORITHMS, algorithms.Fish.__module__)"
+    out = run_python(code)
+    if out.stdout.split()[:1] == ["False"] and "domainbed_fish._autoload" not in run_python(
+        "import sys; print(list(sys.modules))"
+    ).stdout:
+        pytest.skip("the package is not installed (pip install -e .), so its start-up .pth is absent")
+    assert out.stdout.split() == ["True", "domainbed_fish.algorithms"], out.stderr
+    off = run_python(code, DOMAINBED_FISH_AUTOLOAD="0")
+    assert off.stdout.split() == ["False", "domainbed.algorithms"], off.stderr
+
+
+def test_missing_domainbed_says_how_to_provide_it(tmp_path):
+    code = (
+        "from domainbed_fish.locate import import_domainbed, DomainBedNotFoundError\n"
+        "try:\n    import_domainbed('algorithms')\n"
+        "except DomainBedNotFoundError as e:\n    print(e)\n"
+    )
+    env = subprocess_env(DOMAINBED_FISH_AUTOLOAD="0")
+    env.pop(ENV_VAR, None)
+    env["PYTHONPATH"] = ""
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    if not out.stdout.strip():
+        pytest.skip("DomainBed is importable without DOMAINBED_DIR in this environment")
+    assert "DomainBed was not found" in out.stdout and f"{ENV_VAR}=/path/to/DomainBed" in out.stdout
+
+    env[ENV_VAR] = str(tmp_path)
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert "does not point at a DomainBed checkout" in out.stdout
+    assert str(tmp_path / "domainbed" / "__init__.py") in out.stdout

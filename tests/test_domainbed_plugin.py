@@ -1,0 +1,318 @@
+"""The plugin inside the real DomainBed: registration, equivalence with the built-in
+Fish, hyperparameters, DomainBed's own checks, bad input and the train script.
+
+Every test here needs DomainBed (DOMAINBED_DIR) and is skipped with a reason without it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from conftest import PYTHON, requires_domainbed, roundtrip, subprocess_env
+
+from domainbed_fish import registry
+from domainbed_fish.errors import UnknownNameError
+
+pytestmark = requires_domainbed
+
+ALGORITHM_NAMES = sorted(registry.ALGORITHMS)
+ALL_PLUGIN_NAMES = ALGORITHM_NAMES + sorted(registry.RENAMED_BUILTINS.values())
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """DomainBed's own tests call ``.cuda()``; on a machine without a GPU make it a no-op."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+        monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
+
+
+def make_algorithm(domainbed, name, input_shape, num_domains, hparams, seed=0):
+    from domainbed import algorithms
+
+    torch.manual_seed(seed)
+    return algorithms.get_algorithm_class(name)(input_shape, 2, num_domains, hparams)
+
+
+def debug28_minibatches(domainbed, hparams, steps, batch_size=8, seed=0):
+    from domainbed import datasets
+
+    torch.manual_seed(seed)
+    dataset = datasets.get_dataset_class("Debug28")("", [], hparams)
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        step = []
+        for env in dataset:
+            idx = torch.randint(0, len(env), (batch_size,), generator=g).tolist()
+            step.append((torch.stack([env[i][0] for i in idx]), torch.stack([torch.as_tensor(env[i][1]) for i in idx])))
+        batches.append(step)
+    return dataset.input_shape, batches
+
+
+def mlp_minibatches(steps, num_domains=3, batch_size=8, features=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [(torch.randn(batch_size, features, generator=g) + d, torch.randint(0, 2, (batch_size,), generator=g))
+         for d in range(num_domains)]
+        for _ in range(steps)
+    ]
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@pytest.mark.parametrize("name", ALL_PLUGIN_NAMES)
+def test_every_listed_algorithm_is_registered(domainbed, name):
+    from domainbed import algorithms, hparams_registry
+
+    assert name in algorithms.ALGORITHMS
+    cls = algorithms.get_algorithm_class(name)
+    assert issubclass(cls, algorithms.Algorithm)
+    assert hparams_registry.default_hparams(name, "Debug28")["lr"] == 1e-3
+
+
+def test_fish_is_the_plugins_and_the_builtin_is_kept(domainbed):
+    from domainbed import algorithms
+
+    assert algorithms.Fish.__module__ == "domainbed_fish.algorithms"
+    assert algorithms.FishDomainBed.__module__ == "domainbed.algorithms"
+    assert algorithms.FishDomainBed.__name__ == "Fish"
+
+
+def test_register_is_idempotent(domainbed):
+    from domainbed import algorithms
+
+    import domainbed_fish
+
+    before = list(algorithms.ALGORITHMS)
+    added = domainbed_fish.register()
+    assert domainbed_fish.register() == added
+    assert algorithms.ALGORITHMS == before
+    assert sorted(added["algorithms"]) == sorted(ALL_PLUGIN_NAMES)
+    assert len(algorithms.ALGORITHMS) == len(set(algorithms.ALGORITHMS))
+
+
+def test_unknown_names_list_what_exists(domainbed):
+    from domainbed import algorithms, datasets
+
+    with pytest.raises(NotImplementedError, match=r"unknown algorithm 'Fsh'\. Available algorithms: ERM, .*IDGM") as info:
+        algorithms.get_algorithm_class("Fsh")
+    assert isinstance(info.value, UnknownNameError)
+    with pytest.raises(NotImplementedError, match=r"unknown dataset 'PAC'\. Available datasets: Debug28, .*PACS"):
+        datasets.get_dataset_class("PAC")
+    assert datasets.num_environments("PACS") == 4  # DomainBed's helpers still work
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+def _max_difference(a, b) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("network", ["Debug28", "MLP"])
+def test_fish_matches_builtin_fish_step_for_step(domainbed, network, capsys):
+    from domainbed import hparams_registry
+
+    steps = 20
+    hparams = hparams_registry.default_hparams("Fish", "Debug28")
+    builtin_hparams = hparams_registry.default_hparams("FishDomainBed", "Debug28")
+    if network == "Debug28":
+        input_shape, batches = debug28_minibatches(domainbed, hparams, steps)
+    else:
+        input_shape, batches = (10,), mlp_minibatches(steps)
+        mlp = {"mlp_width": 32, "mlp_depth": 3, "mlp_dropout": 0.0}
+        hparams, builtin_hparams = {**hparams, **mlp}, {**builtin_hparams, **mlp}
+    ours = make_algorithm(domainbed, "Fish", input_shape, 3, hparams)
+    builtin = make_algorithm(domainbed, "FishDomainBed", input_shape, 3, builtin_hparams)
+    assert _max_difference(ours.network, builtin.network) == 0.0  # same seed, same initial weights
+
+    for step, minibatches in enumerate(batches):
+        ours_loss = ours.update(minibatches)["loss"]
+        builtin.update(minibatches)
+        assert _max_difference(ours.network, builtin.network) < 1e-5, f"step {step}"
+        assert ours_loss > 0
+    error = _max_difference(ours.network, builtin.network)
+    with capsys.disabled():
+        print(f"\n[equivalence] {network}: max |Fish - FishDomainBed| after {steps} steps = {error:.3e}")
+    assert error < 1e-5
+    moved = max((p - q).abs().max().item() for p, q in zip(
+        ours.network.parameters(), make_algorithm(domainbed, "Fish", input_shape, 3, hparams).network.parameters()))
+    assert moved > 1e-3  # training really moved the weights, so the comparison means something
+
+
+# --------------------------------------------------------------------------- DomainBed's own checks
+
+
+def _unparameterized(test_case: type, name: str):
+    """The body of a ``@parameterized.expand`` test, callable with any parameters."""
+    expanded = next(f for n, f in vars(test_case).items() if n.startswith(name + "_"))
+    return expanded.place_as
+
+
+@pytest.mark.parametrize("name", ALL_PLUGIN_NAMES)
+def test_domainbed_init_update_predict(domainbed, on_cpu, name):
+    """DomainBed's own per-algorithm test (domainbed/test/test_models.py), run on CPU.
+
+    Debug224 is left out: its ResNet-50 loads pretrained weights from the internet.
+    """
+    from domainbed.test import test_models
+
+    check = _unparameterized(test_models.TestAlgorithms, "test_init_update_predict")
+    check(test_models.TestAlgorithms(), "Debug28", name)
+
+
+@pytest.mark.parametrize("name", ALL_PLUGIN_NAMES)
+def test_domainbed_random_hparams_deterministic(domainbed, name):
+    """DomainBed's own hyperparameter test (domainbed/test/test_hparams_registry.py)."""
+    from domainbed import datasets
+    from domainbed.test import test_hparams_registry
+
+    check = _unparameterized(test_hparams_registry.TestHparamsRegistry, "test_random_hparams_deterministic")
+    for dataset in datasets.DATASETS:
+        check(test_hparams_registry.TestHparamsRegistry(), name, dataset)
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+_DUMP_HPARAMS = """
+import json, sys
+from domainbed import algorithms, datasets, hparams_registry
+assert 'IDGM' not in algorithms.ALGORITHMS, 'the plugin was active'
+out = {}
+for a in algorithms.ALGORITHMS:
+    for d in datasets.DATASETS:
+        out[f'{a}|{d}|default'] = {k: repr(v) for k, v in hparams_registry.default_hparams(a, d).items()}
+        for seed in (0, 1, 7):
+            out[f'{a}|{d}|{seed}'] = {k: repr(v) for k, v in hparams_registry.random_hparams(a, d, seed).items()}
+json.dump(out, sys.stdout)
+"""
+
+
+def test_builtin_hparams_identical_with_and_without_plugin(domainbed):
+    from domainbed import hparams_registry
+
+    proc = subprocess.run([PYTHON, "-c", _DUMP_HPARAMS], capture_output=True, text=True, timeout=600,
+                          env=subprocess_env(DOMAINBED_FISH_AUTOLOAD="0"))
+    assert proc.returncode == 0, proc.stderr
+    without = json.loads(proc.stdout)
+    assert len(without) > 1000
+
+    def with_plugin(name, dataset, which):
+        hp = (hparams_registry.default_hparams(name, dataset) if which == "default"
+              else hparams_registry.random_hparams(name, dataset, int(which)))
+        return {k: repr(v) for k, v in hp.items()}
+
+    extra = {s.name for s in registry.HPARAMS["Fish"]}
+    for key, expected in without.items():
+        algorithm, dataset, which = key.split("|")
+        got = with_plugin(algorithm, dataset, which)
+        if algorithm == "Fish":  # taken over: DomainBed's values plus the plugin's options
+            assert set(got) - set(expected) == extra
+            got = {k: v for k, v in got.items() if k not in extra}
+            assert with_plugin("FishDomainBed", dataset, which) == expected, key
+        assert got == expected, key
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_plugin_hparams_have_defaults_and_seeded_random_values(domainbed, name):
+    from domainbed import hparams_registry
+
+    specs = registry.HPARAMS[name]
+    default = hparams_registry.default_hparams(name, "PACS")
+    assert {s.name: s.default for s in specs}.items() <= default.items()
+    draws = [hparams_registry.random_hparams(name, "PACS", seed) for seed in range(20)]
+    assert draws[3] == hparams_registry.random_hparams(name, "PACS", 3)
+    if name == "Fish":
+        assert default["meta_lr"] == 0.5 and {d["meta_lr"] for d in draws} == {0.05, 0.1, 0.5}
+    if name == "IDGM":
+        gammas = [d["idgm_gamma"] for d in draws]
+        assert len(set(gammas)) == 20 and all(1e-3 <= g <= 1 for g in gammas)
+    for draw in draws:  # every random draw is a valid configuration
+        make_algorithm(domainbed, name, (10,), 3, {**draw, "mlp_width": 8, "mlp_depth": 3, "mlp_dropout": 0.0})
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD_HPARAMS = [
+    ("Fish", "meta_lr", 0.0, r"'meta_lr' = 0\.0 is invalid: allowed 0 < meta_lr <= 1"),
+    ("Fish", "meta_lr", 1.5, r"'meta_lr' = 1\.5 is invalid: allowed 0 < meta_lr <= 1"),
+    ("Fish", "meta_steps", 0, r"'meta_steps' = 0 is invalid: allowed an integer >= 1"),
+    ("Fish", "meta_steps", 4, r"'meta_steps' = 4 is invalid: allowed 1 <= meta_steps <= 3"),
+    ("Fish", "fish_inner_optimizer", "adamw", r"'fish_inner_optimizer' = 'adamw' is invalid: allowed one of 'adam', 'amsgrad', 'sgd'"),
+    ("Fish", "fish_epsilon", "eps", r"'fish_epsilon' = 'eps' is invalid"),
+    ("Fish", "fish_warmup_steps", -1, r"'fish_warmup_steps' = -1 is invalid: allowed an integer >= 0"),
+    ("IDGM", "idgm_gamma", -0.1, r"'idgm_gamma' = -0\.1 is invalid: allowed a finite idgm_gamma >= 0"),
+    ("IDGM", "idgm_optimizer", "rmsprop", r"'idgm_optimizer' = 'rmsprop' is invalid: allowed one of 'adam', 'amsgrad', 'sgd'"),
+    ("IDGM", "idgm_penalty_anneal_iters", 2.5, r"'idgm_penalty_anneal_iters' = 2\.5 is invalid"),
+]
+
+
+@pytest.mark.parametrize("name, key, value, message", BAD_HPARAMS)
+def test_invalid_hparams_fail_at_construction(domainbed, name, key, value, message):
+    from domainbed import hparams_registry
+
+    hparams = {**hparams_registry.default_hparams(name, "Debug28"), key: value}
+    with pytest.raises(ValueError, match=message):
+        make_algorithm(domainbed, name, (3, 28, 28), 3, hparams)
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_missing_plugin_hparams_say_how_to_get_them(domainbed, name):
+    from domainbed import hparams_registry
+
+    hparams = hparams_registry.default_hparams("ERM", "Debug28")
+    with pytest.raises(ValueError, match="missing hyperparameters"):
+        make_algorithm(domainbed, name, (3, 28, 28), 3, hparams)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_state_dict_is_a_complete_checkpoint(domainbed, name):
+    from domainbed import hparams_registry
+
+    hparams = {**hparams_registry.default_hparams(name, "Debug28"), "fish_random_order": True,
+               "idgm_penalty_anneal_iters": 1}
+    input_shape, batches = debug28_minibatches(domainbed, hparams, steps=5)
+    a = make_algorithm(domainbed, name, input_shape, 3, hparams)
+    for minibatches in batches[:3]:
+        a.update(minibatches)
+    state = roundtrip(a.state_dict())
+    assert "_extra_state" in state
+    b = make_algorithm(domainbed, name, input_shape, 3, hparams, seed=1)
+    b.load_state_dict(state)
+    for minibatches in batches[3:]:
+        a.update(minibatches)
+        b.update(minibatches)
+    assert _max_difference(a, b) == 0.0
+
+
+# --------------------------------------------------------------------------- DomainBed's train script
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_domainbed_train_script_runs(domainbed, name, tmp_path):
+    out = tmp_path / "run"
+    hparams = json.dumps({"batch_size": 8, "idgm_penalty_anneal_iters": 2, "gip_every": 1})
+    proc = subprocess.run(
+        [PYTHON, "-m", "domainbed.scripts.train", "--dataset", "Debug28", "--algorithm", name,
+         "--steps", "4", "--checkpoint_freq", "2", "--test_envs", "0", "--hparams", hparams,
+         "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "done").read_text() == "done"
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 3]
+    assert all("gip" in r and "env0_in_acc" in r for r in records)
+    assert records[0]["args"]["algorithm"] == name
+    for spec in registry.HPARAMS[name]:
+        assert spec.name in records[0]["hparams"]
+    checkpoint = torch.load(out / "model.pkl", weights_only=False)
+    assert "_extra_state" in checkpoint["model_dict"]

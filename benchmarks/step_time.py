@@ -64,7 +64,8 @@ def main() -> None:
     shape = INPUT_SHAPES[args.dataset]
     g = torch.Generator().manual_seed(0)
     minibatches = [
-        (torch.randn(args.batch, *shape, generator=g).to(device), torch.randint(0, 2, (args.batch,), generator=g).to(device))
+        (torch.randn(args.batch, *shape, generator=g).to(device),
+         torch.randint(0, 2, (args.batch,), generator=g).to(device))
         for _ in range(args.domains)
     ]
 

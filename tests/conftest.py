@@ -73,11 +73,11 @@ def idgm_config(**overrides) -> IDGMConfig:
 
 
 def roundtrip(obj):
-    """``obj`` after torch.save and torch.load, as a checkpoint would see it."""
+    """``obj`` after torch.save and torch.load with the safe loader (weights_only=True)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
+    return torch.load(buffer, weights_only=True)
 
 
 def tiny_net(in_features: int = 4, hidden: int = 6, classes: int = 3, dtype=torch.float64, seed: int = 0) -> nn.Module:

@@ -129,3 +129,14 @@ def test_checkpoint_resumes_identically():
         b.step(batches)
     for p, q in zip(a.network.parameters(), b.network.parameters()):
         assert torch.equal(p, q)
+
+
+def test_single_training_domain_reduces_to_erm():
+    """With one domain there is no pair: Ĝ = 0 and IDGM takes ERM's step."""
+    net, batches = tiny_net(), domain_minibatches(num_domains=1)
+    params = list(net.parameters())
+    result = idgm_gradient(per_domain_losses(net, batches), params, GAMMA)
+    erm = torch.autograd.grad(per_domain_losses(net, batches)[0], params)
+    assert result.gip.item() == 0.0
+    for a, b in zip(result.grads, erm):
+        torch.testing.assert_close(a, b)

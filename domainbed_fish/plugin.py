@@ -71,6 +71,15 @@ def _with_clear_error(lookup, kind: str, names: list[str]):
     return get_class
 
 
+def _add_listed(module: ModuleType, listing: list[str], entries: dict[str, str], kind: str) -> None:
+    """Set ``module.<name>`` for each entry and append the name to DomainBed's listing."""
+    for name, target in entries.items():
+        setattr(module, name, registry.load(target))
+        if name not in listing:
+            listing.append(name)
+        _record(kind, name)
+
+
 def register_algorithms(algorithms: ModuleType) -> None:
     """Add the plugin's algorithms to ``domainbed.algorithms`` (globals and ``ALGORITHMS``)."""
     if getattr(algorithms, _MARK, False):
@@ -82,11 +91,7 @@ def register_algorithms(algorithms: ModuleType) -> None:
         if new_name not in algorithms.ALGORITHMS:
             algorithms.ALGORITHMS.append(new_name)
         _record("algorithms", new_name)
-    for name, target in registry.ALGORITHMS.items():
-        setattr(algorithms, name, registry.load(target))
-        if name not in algorithms.ALGORITHMS:
-            algorithms.ALGORITHMS.append(name)
-        _record("algorithms", name)
+    _add_listed(algorithms, algorithms.ALGORITHMS, registry.ALGORITHMS, "algorithms")
     if not getattr(algorithms.get_algorithm_class, "_domainbed_fish_wrapped", False):
         algorithms.get_algorithm_class = _with_clear_error(
             algorithms.get_algorithm_class, "algorithm", algorithms.ALGORITHMS
@@ -144,11 +149,7 @@ def register_datasets(datasets: ModuleType) -> None:
     """Add the plugin's datasets to ``domainbed.datasets`` and a clear unknown-name error."""
     if getattr(datasets, _MARK, False):
         return
-    for name, target in registry.DATASETS.items():
-        setattr(datasets, name, registry.load(target))
-        if name not in datasets.DATASETS:
-            datasets.DATASETS.append(name)
-        _record("datasets", name)
+    _add_listed(datasets, datasets.DATASETS, registry.DATASETS, "datasets")
     if not getattr(datasets.get_dataset_class, "_domainbed_fish_wrapped", False):
         datasets.get_dataset_class = _with_clear_error(datasets.get_dataset_class, "dataset", datasets.DATASETS)
     setattr(datasets, _MARK, True)

@@ -4,7 +4,7 @@
         [--dataset Debug28] [--domains 3] [--batch 32] [--repeats 20] \
         [--algorithms ERM CORAL FishDomainBed Fish IDGM]
 
-Every algorithm gets the same minibatches and DomainBed's default hyperparameters
+Every algorithm gets the same minibatches, timed in interleaved rounds, and DomainBed's default hyperparameters
 for the dataset (IDGM with its penalty on from the first step, the expensive
 case).  ``fish floor`` is S plain optimizer steps of the same network on the same
 S minibatches: the least any Fish step can cost.  Prints a Markdown table and
@@ -69,16 +69,16 @@ def main() -> None:
         for _ in range(args.domains)
     ]
 
-    rows = []
-    floor = None
+    # Build everything first, then time in interleaved rounds (one call of each per
+    # round) so that drift of a noisy machine hits every algorithm alike.
+    calls: dict[str, object] = {}
     for name in args.algorithms:
         hparams = hparams_registry.default_hparams(name, args.dataset)
         hparams.update(idgm_penalty_anneal_iters=0)
         torch.manual_seed(0)
         algorithm = algorithms.get_algorithm_class(name)(shape, 2, args.domains, hparams).to(device)
-        times = time_calls(lambda a=algorithm: a.update(minibatches), args.warmup, args.repeats, device)
-        rows.append({"algorithm": name, "median_s": statistics.median(times)})
-        if name == "Fish" and floor is None:
+        calls[name] = lambda a=algorithm: a.update(minibatches)
+        if name == "Fish":
             network, optimizer = algorithm.network, torch.optim.Adam(algorithm.network.parameters(), lr=hparams["lr"])
 
             def plain_steps(network=network, optimizer=optimizer):
@@ -87,8 +87,15 @@ def main() -> None:
                     F.cross_entropy(network(x), y).backward()
                     optimizer.step()
 
-            floor = statistics.median(time_calls(plain_steps, args.warmup, args.repeats, device))
-            rows.append({"algorithm": "fish floor (S plain steps)", "median_s": floor})
+            calls["fish floor (S plain steps)"] = plain_steps
+    for fn in calls.values():
+        time_calls(fn, args.warmup, 0, device)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name, fn in calls.items():
+            times[name] += time_calls(fn, 0, 1, device)
+    rows = [{"algorithm": name, "median_s": statistics.median(t)} for name, t in times.items()]
+    floor = statistics.median(times["fish floor (S plain steps)"]) if "Fish" in calls else None
 
     erm = next((r["median_s"] for r in rows if r["algorithm"] == "ERM"), None)
     for r in rows:

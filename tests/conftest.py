@@ -80,6 +80,21 @@ def roundtrip(obj):
     return torch.load(buffer, weights_only=True)
 
 
+def assert_resumes_identically(original, fresh, batches, steps_before: int, steps_after: int) -> None:
+    """Train ``original``, checkpoint it into ``fresh`` (an updater with other weights and
+    seed), then step both: the weights must stay bit-identical."""
+    for _ in range(steps_before):
+        original.step(batches)
+    saved = roundtrip({"network": original.network.state_dict(), "updater": original.state_dict()})
+    fresh.network.load_state_dict(saved["network"])
+    fresh.load_state_dict(saved["updater"])
+    for _ in range(steps_after):
+        original.step(batches)
+        fresh.step(batches)
+    for p, q in zip(original.network.parameters(), fresh.network.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 def tiny_net(in_features: int = 4, hidden: int = 6, classes: int = 3, dtype=torch.float64, seed: int = 0) -> nn.Module:
     """A smooth two-layer network (tanh), small enough for finite differences."""
     torch.manual_seed(seed)

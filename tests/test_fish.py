@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import domain_minibatches, fish_config, roundtrip, tiny_net
+from conftest import assert_resumes_identically, domain_minibatches, fish_config, tiny_net
 from torch import nn
 
 from domainbed_fish.errors import NonFiniteLossError
@@ -239,15 +239,5 @@ def test_non_finite_loss_names_step_and_domain_and_keeps_weights():
 def test_checkpoint_resumes_identically():
     batches = domain_minibatches(num_domains=4)
     config = fish_config(fish_random_order=True, meta_steps=3, num_domains=4)
-    a = FishUpdater(tiny_net(), config, seed=3)
-    for _ in range(3):
-        a.step(batches)
-    saved = roundtrip({"network": a.network.state_dict(), "fish": a.state_dict()})
-    b = FishUpdater(tiny_net(seed=9), config, seed=123)
-    b.network.load_state_dict(saved["network"])
-    b.load_state_dict(saved["fish"])
-    for _ in range(3):
-        a.step(batches)
-        b.step(batches)
-    for p, q in zip(a.network.parameters(), b.network.parameters()):
-        assert torch.equal(p, q)
+    assert_resumes_identically(FishUpdater(tiny_net(), config, seed=3),
+                               FishUpdater(tiny_net(seed=9), config, seed=123), batches, 3, 3)

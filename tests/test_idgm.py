@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import domain_minibatches, idgm_config, roundtrip, tiny_net
+from conftest import assert_resumes_identically, domain_minibatches, idgm_config, tiny_net
 from test_gradients import brute_force_gip
 
 from domainbed_fish.errors import NonFiniteLossError
@@ -117,18 +117,8 @@ def test_non_finite_loss_names_step_and_domain_and_keeps_weights():
 
 def test_checkpoint_resumes_identically():
     batches = domain_minibatches()
-    a = IDGMUpdater(tiny_net(), idgm_config(idgm_penalty_anneal_iters=2))
-    for _ in range(3):
-        a.step(batches)
-    b = IDGMUpdater(tiny_net(seed=5), idgm_config(idgm_penalty_anneal_iters=2))
-    saved = roundtrip({"network": a.network.state_dict(), "idgm": a.state_dict()})
-    b.network.load_state_dict(saved["network"])
-    b.load_state_dict(saved["idgm"])
-    for _ in range(2):
-        a.step(batches)
-        b.step(batches)
-    for p, q in zip(a.network.parameters(), b.network.parameters()):
-        assert torch.equal(p, q)
+    config = idgm_config(idgm_penalty_anneal_iters=2)
+    assert_resumes_identically(IDGMUpdater(tiny_net(), config), IDGMUpdater(tiny_net(seed=5), config), batches, 3, 2)
 
 
 def test_single_training_domain_reduces_to_erm():

@@ -19,6 +19,7 @@ optimizer for the whole run and moves weights with in-place ``foreach`` ops.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -150,7 +151,7 @@ class FishUpdater:
         x = torch.cat([x for x, _ in minibatches])
         y = torch.cat([y for _, y in minibatches])
         loss = F.cross_entropy(self.network(x), y)
-        self._check_finite([loss.detach()])
+        self._check_finite([loss.item()])
         self.warmup_optimizer.zero_grad()
         loss.backward()
         self.warmup_optimizer.step()
@@ -183,22 +184,22 @@ class FishUpdater:
             losses.append(loss.detach())
 
         # One synchronisation per step; θ is untouched until the check passes.
+        values = torch.stack(losses).tolist()
         try:
-            self._check_finite(losses, order)
+            self._check_finite(values, order)
         except NonFiniteLossError:
             reset_optimizer_state(self.inner_optimizer)  # its moments saw the bad values
             raise
         fish_meta_update_(meta, inner, fish_epsilon(c.meta_lr, len(order), c.epsilon))
-        stats["loss"] = torch.stack(losses).mean().item()
+        stats["loss"] = sum(values) / len(values)
         return stats
 
-    def _check_finite(self, losses: list[Tensor], domains: list[int] | None = None) -> None:
-        finite = torch.isfinite(torch.stack(losses))
-        if bool(finite.all()):
+    def _check_finite(self, values: list[float], domains: list[int] | None = None) -> None:
+        bad = next((k for k, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is None:
             return
-        bad = int((~finite).nonzero()[0, 0])
         domain = domains[bad] if domains is not None else None
-        raise NonFiniteLossError("Fish", self.num_updates, domain, float(losses[bad]))
+        raise NonFiniteLossError("Fish", self.num_updates, domain, values[bad])
 
     # -- diagnostic --------------------------------------------------------------------
 

@@ -151,11 +151,12 @@ class FishUpdater:
         x = torch.cat([x for x, _ in minibatches])
         y = torch.cat([y for _, y in minibatches])
         loss = F.cross_entropy(self.network(x), y)
-        self._check_finite([loss.item()])
+        value = loss.item()
+        self._check_finite([value])
         self.warmup_optimizer.zero_grad()
         loss.backward()
         self.warmup_optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": value}
 
     def _fish_step(self, minibatches: Minibatches, order: Sequence[int] | None) -> dict[str, float]:
         c = self.config

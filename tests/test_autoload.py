@@ -61,3 +61,13 @@ def test_missing_domainbed_says_how_to_provide_it(tmp_path):
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert "does not point at a DomainBed checkout" in out.stdout
     assert str(tmp_path / "domainbed" / "__init__.py") in out.stdout
+
+
+def test_startup_line_is_silent_when_the_package_is_gone():
+    """A deleted editable checkout must not print a traceback at every Python start-up."""
+    from pathlib import Path
+
+    line = (Path(__file__).resolve().parents[1] / "domainbed_fish-autoload.pth").read_text().strip()
+    code = f"import os, sys; os.environ.pop('DOMAINBED_FISH_AUTOLOAD'); sys.modules['domainbed_fish'] = None\n{line}\nprint('ok')"
+    out = run_python(code, DOMAINBED_FISH_AUTOLOAD="0")
+    assert (out.stdout.strip(), out.stderr) == ("ok", "")

@@ -19,6 +19,7 @@ import sys
 WATCHED_MODULES = frozenset(
     {
         "domainbed.algorithms",
+        "domainbed.networks",
         "domainbed.hparams_registry",
         "domainbed.datasets",
         "domainbed.command_launchers",

@@ -142,6 +142,55 @@ def register_hparams(hparams_registry: ModuleType) -> None:
     setattr(hparams_registry, _MARK, True)
 
 
+# ----------------------------------------------------------------------------- networks
+
+
+def _extended_featurizer(original):
+    """Wrap DomainBed's ``Featurizer(input_shape, hparams)`` with the plugin's networks.
+
+    Only inputs DomainBed has no network for are taken: 3×64×64 (CdSprites-N) and
+    flat inputs of a dataset that asks for the linear model (``linear_model``).
+    """
+    from domainbed_fish import networks
+
+    @functools.wraps(original)
+    def Featurizer(input_shape, hparams):
+        if hparams.get("linear_model", False):
+            return networks.LinearFeatures(input_shape)
+        if len(input_shape) == 3 and tuple(input_shape[1:]) == networks.CdSpritesCNN.INPUT_SIZE:
+            return networks.CdSpritesCNN(input_shape)
+        return original(input_shape, hparams)
+
+    Featurizer._domainbed_fish_wrapped = True
+    return Featurizer
+
+
+def _extended_classifier(original):
+    """Wrap DomainBed's ``Classifier`` so the linear toy's model starts at zero."""
+    from domainbed_fish import networks
+
+    @functools.wraps(original)
+    def Classifier(in_features, out_features, is_nonlinear=False):
+        if isinstance(in_features, networks.ZeroInitWidth) and not is_nonlinear:
+            return networks.zero_linear(in_features, out_features)
+        return original(in_features, out_features, is_nonlinear)
+
+    Classifier._domainbed_fish_wrapped = True
+    return Classifier
+
+
+def register_networks(networks_module: ModuleType) -> None:
+    """Teach ``domainbed.networks``' featurizer selection the paper's networks."""
+    if getattr(networks_module, _MARK, False):
+        return
+    if not getattr(networks_module.Featurizer, "_domainbed_fish_wrapped", False):
+        networks_module.Featurizer = _extended_featurizer(networks_module.Featurizer)
+        networks_module.Classifier = _extended_classifier(networks_module.Classifier)
+    _record("networks", "CdSpritesCNN (3×64×64)")
+    _record("networks", "LinearFeatures (linear_model)")
+    setattr(networks_module, _MARK, True)
+
+
 # ----------------------------------------------------------------------------- datasets, launchers
 
 
@@ -167,6 +216,7 @@ def register_launchers(command_launchers: ModuleType) -> None:
 
 _REGISTRARS = {
     "domainbed.algorithms": register_algorithms,
+    "domainbed.networks": register_networks,
     "domainbed.hparams_registry": register_hparams,
     "domainbed.datasets": register_datasets,
     "domainbed.command_launchers": register_launchers,

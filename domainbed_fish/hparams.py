@@ -207,3 +207,41 @@ class IDGMConfig:
             penalty_anneal_iters=_integer(hparams, "idgm_penalty_anneal_iters", 0),
             optimizer=_choice(hparams, "idgm_optimizer", OPTIMIZERS),
         )
+
+
+# --------------------------------------------------------------------------- datasets
+
+#: The plugin's datasets get DomainBed's small-image treatment (``lr``,
+#: ``weight_decay``, ``batch_size`` and every algorithm's small-image values), as
+#: computed for this DomainBed dataset, before their own entries below apply.
+SMALL_IMAGES_BASE = "Debug28"
+
+CDSPRITES_HPARAMS: tuple[HParam, ...] = (
+    HParam("batch_size", 32, lambda r: int(2 ** r.uniform(3, 6)),
+           "images per training domain per step (DomainBed's small-image search, capped at 64 for a CPU)"),
+    HParam("cdsprites_per_domain", 2000, _fixed(2000),
+           "sprites per environment (training domains and the decorrelated one)"),
+    HParam("cdsprites_data_seed", 0, _fixed(0),
+           "seed of the sprites and palettes; the same for every trial, like a downloaded dataset"),
+)
+
+LINEAR_TOY_HPARAMS: tuple[HParam, ...] = (
+    HParam("linear_model", True, _fixed(True),
+           "one zero-initialised linear layer on the raw inputs (DomainBed's featurizer "
+           "selection, extended by the plugin)"),
+    HParam("toy_per_domain", 1000, _fixed(1000), "examples per domain"),
+    HParam("batch_size", 800, _fixed(800),
+           "examples per domain per step: the whole in-split of a domain (sampled with replacement)"),
+    HParam("lr", 0.01, lambda r: float(10 ** r.uniform(-3, -1)), "learning rate"),
+)
+
+#: Settings of the plugin's algorithms that differ on the linear toy: the paper's
+#: quick check (PAPER.md §3) uses inner SGD with a random domain order.
+LINEAR_TOY_ALGORITHM_HPARAMS: dict[str, tuple[HParam, ...]] = {
+    "Fish": (
+        HParam("fish_inner_optimizer", "sgd", _fixed("sgd"), "inner SGD, as in the paper's toy"),
+        HParam("fish_inner_momentum", 0.0, _fixed(0.0), "plain SGD"),
+        HParam("fish_random_order", True, _fixed(True), "random domain order (Theorem 3.1)"),
+        HParam("meta_lr", 0.1, lambda r: float(r.choice([0.05, 0.1, 0.5])), "ε"),
+    ),
+}

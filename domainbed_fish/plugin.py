@@ -106,8 +106,10 @@ def _extended_hparams(original, seed_hash):
     """Wrap DomainBed's ``_hparams(algorithm, dataset, random_seed)``.
 
     DomainBed's names are computed by DomainBed itself (a renamed built-in under
-    its original name); the plugin's names are appended with DomainBed's seeding,
-    one ``RandomState(seed_hash(random_seed, name))`` per name.
+    its original name; the plugin's datasets as DomainBed's small-image dataset
+    ``DATASET_HPARAMS_BASE``); the plugin's names are added with DomainBed's
+    seeding, one ``RandomState(seed_hash(random_seed, name))`` per name, and the
+    plugin's datasets then set their own entries.
     """
     import numpy as np
 
@@ -115,15 +117,25 @@ def _extended_hparams(original, seed_hash):
 
     @functools.wraps(original)
     def _hparams(algorithm: str, dataset: str, random_seed: int) -> dict:
-        hparams = original(original_names.get(algorithm, algorithm), dataset, random_seed)
-        for spec in registry.HPARAMS.get(algorithm, ()):
-            if spec.name in hparams:
+        dataset_specs = registry.DATASET_HPARAMS.get(dataset)
+        base_dataset = registry.DATASET_HPARAMS_BASE if dataset_specs is not None else dataset
+        hparams = original(original_names.get(algorithm, algorithm), base_dataset, random_seed)
+
+        def define(spec, replace: bool) -> None:
+            if spec.name in hparams and not replace:
                 raise RuntimeError(
                     f"domainbed-fish: hyperparameter {spec.name!r} of {algorithm} is already "
                     "defined by DomainBed; this DomainBed version is not supported."
                 )
             random_state = np.random.RandomState(seed_hash(random_seed, spec.name))
             hparams[spec.name] = (spec.default, spec.sample(random_state))
+
+        for spec in registry.HPARAMS.get(algorithm, ()):
+            define(spec, replace=False)
+        # The plugin's datasets set their own values, for DomainBed's names too.
+        for key in ("*", algorithm):
+            for spec in (dataset_specs or {}).get(key, ()):
+                define(spec, replace=True)
         return hparams
 
     _hparams._domainbed_fish_wrapped = True

@@ -8,7 +8,15 @@ imports neither torch nor DomainBed.
 
 from __future__ import annotations
 
-from domainbed_fish.hparams import FISH_HPARAMS, IDGM_HPARAMS, HParam
+from domainbed_fish.hparams import (
+    CDSPRITES_HPARAMS,
+    FISH_HPARAMS,
+    IDGM_HPARAMS,
+    LINEAR_TOY_ALGORITHM_HPARAMS,
+    LINEAR_TOY_HPARAMS,
+    SMALL_IMAGES_BASE,
+    HParam,
+)
 
 #: Algorithms registered into ``domainbed.algorithms`` (name -> "module:class").
 ALGORITHMS: dict[str, str] = {
@@ -27,8 +35,25 @@ HPARAMS: dict[str, tuple[HParam, ...]] = {
     "IDGM": IDGM_HPARAMS,
 }
 
+#: The CdSprites-N datasets of the paper (N training domains + the decorrelated one).
+CDSPRITES_SIZES: tuple[int, ...] = (5, 10, 15, 20, 25, 30, 35, 40, 45, 50)
+
 #: Datasets registered into ``domainbed.datasets`` (name -> "module:class").
-DATASETS: dict[str, str] = {}
+DATASETS: dict[str, str] = {
+    **{f"CdSprites{n}": f"domainbed_fish.datasets.classes:CdSprites{n}" for n in CDSPRITES_SIZES},
+    "LinearToy": "domainbed_fish.datasets.classes:LinearToy",
+}
+
+#: DomainBed dataset whose hyperparameters the plugin's datasets start from
+#: (DomainBed's small-image treatment for every algorithm).
+DATASET_HPARAMS_BASE: str = SMALL_IMAGES_BASE
+
+#: Hyperparameters of the plugin's datasets: dataset -> algorithm (``"*"``: every
+#: algorithm) -> entries that are added or replace DomainBed's.
+DATASET_HPARAMS: dict[str, dict[str, tuple[HParam, ...]]] = {
+    **{f"CdSprites{n}": {"*": CDSPRITES_HPARAMS} for n in CDSPRITES_SIZES},
+    "LinearToy": {"*": LINEAR_TOY_HPARAMS, **LINEAR_TOY_ALGORITHM_HPARAMS},
+}
 
 #: Launchers registered into ``domainbed.command_launchers.REGISTRY``.
 LAUNCHERS: dict[str, str] = {}

@@ -1,0 +1,102 @@
+"""The paper's datasets as DomainBed datasets (importing this module imports DomainBed).
+
+``CdSprites5`` … ``CdSprites50`` and ``LinearToy`` subclass DomainBed's
+``MultipleDomainDataset``, so ``--dataset CdSprites15`` works in DomainBed's
+unmodified ``train``, ``sweep`` and ``collect_results`` once the plugin has
+registered them.  Nothing is downloaded: ``root`` (``--data_dir``) is ignored.
+Data are generated in memory, so no loader workers are needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from domainbed_fish.datasets.cdsprites import build_cdsprites
+from domainbed_fish.datasets.toy import HELDOUT_COORDINATE, INPUT_DIM, TRAINING_COORDINATES, toy_domain
+from domainbed_fish.hparams import CDSPRITES_HPARAMS, LINEAR_TOY_HPARAMS
+from domainbed_fish.locate import import_domainbed
+
+_datasets = import_domainbed("datasets")
+
+
+def _default(specs, name: str) -> Any:
+    return next(spec.default for spec in specs if spec.name == name)
+
+
+class CdSprites(_datasets.MultipleDomainDataset):
+    """CdSprites-N: N spurious training domains, then the decorrelated environment.
+
+    Environments ``0 … N−1`` (``spurious0`` …) colour the sprites with their own
+    two-colour palette, colour index = label; environment ``N``
+    (``decorrelated``) draws colours independently of the label and is the
+    intended test environment (``--test_envs N``).  Hyperparameters
+    ``cdsprites_per_domain`` and ``cdsprites_data_seed`` set the size and the data.
+    """
+
+    NUM_DOMAINS: int
+    INPUT_SHAPE = (3, 64, 64)
+    N_STEPS = 1001
+    CHECKPOINT_FREQ = 100
+    N_WORKERS = 0
+
+    def __init__(self, root: str | None, test_envs: list[int], hparams: dict):
+        super().__init__()
+        self.datasets = list(
+            build_cdsprites(
+                self.NUM_DOMAINS,
+                int(hparams.get("cdsprites_per_domain", _default(CDSPRITES_HPARAMS, "cdsprites_per_domain"))),
+                int(hparams.get("cdsprites_data_seed", _default(CDSPRITES_HPARAMS, "cdsprites_data_seed"))),
+            )
+        )
+        self.input_shape = self.INPUT_SHAPE
+        self.num_classes = 2
+
+    @classmethod
+    def decorrelated_env(cls) -> int:
+        """Index of the decorrelated (test) environment."""
+        return cls.NUM_DOMAINS
+
+
+def _cdsprites(num_domains: int) -> type[CdSprites]:
+    environments = [f"spurious{d}" for d in range(num_domains)] + ["decorrelated"]
+    return type(
+        f"CdSprites{num_domains}",
+        (CdSprites,),
+        {"NUM_DOMAINS": num_domains, "ENVIRONMENTS": environments, "__module__": __name__,
+         "__doc__": f"CdSprites-{num_domains}: {num_domains} spurious domains + 'decorrelated' (env {num_domains})."},
+    )
+
+
+CdSprites5 = _cdsprites(5)
+CdSprites10 = _cdsprites(10)
+CdSprites15 = _cdsprites(15)
+CdSprites20 = _cdsprites(20)
+CdSprites25 = _cdsprites(25)
+CdSprites30 = _cdsprites(30)
+CdSprites35 = _cdsprites(35)
+CdSprites40 = _cdsprites(40)
+CdSprites45 = _cdsprites(45)
+CdSprites50 = _cdsprites(50)
+
+
+class LinearToy(_datasets.MultipleDomainDataset):
+    """The paper's linear toy: training domains ``domain1``, ``domain2``; ``heldout`` (env 2) is
+    the intended test environment.  Hyperparameter ``toy_per_domain`` sets the size."""
+
+    ENVIRONMENTS: ClassVar[list[str]] = ["domain1", "domain2", "heldout"]
+    INPUT_SHAPE = (INPUT_DIM,)
+    N_STEPS = 3001
+    CHECKPOINT_FREQ = 250
+    N_WORKERS = 0
+
+    def __init__(self, root: str | None, test_envs: list[int], hparams: dict):
+        super().__init__()
+        size = int(hparams.get("toy_per_domain", _default(LINEAR_TOY_HPARAMS, "toy_per_domain")))
+        self.datasets = [toy_domain(c, size) for c in (*TRAINING_COORDINATES, HELDOUT_COORDINATE)]
+        self.input_shape = self.INPUT_SHAPE
+        self.num_classes = 2
+
+    @classmethod
+    def decorrelated_env(cls) -> int:
+        """Index of the held-out (test) environment."""
+        return len(cls.ENVIRONMENTS) - 1

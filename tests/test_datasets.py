@@ -1,0 +1,211 @@
+"""The paper's datasets: CdSprites-N and the linear toy, alone and through DomainBed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from conftest import PYTHON, subprocess_env
+
+from domainbed_fish import registry
+from domainbed_fish.datasets.cdsprites import MIN_COLOUR_DISTANCE, build_cdsprites, max_per_domain
+from domainbed_fish.datasets.sprites import SpriteLatents, rasterise
+from domainbed_fish.datasets.toy import expected_heldout_accuracy, toy_domain
+
+# --------------------------------------------------------------------------- sprites
+
+
+def _one(shape: int, scale: int = 5, orientation: int = 0, x: int = 16, y: int = 16):
+    return SpriteLatents.from_flat_index(shape, np.array([((scale * 40 + orientation) * 32 + x) * 32 + y]))
+
+
+def test_sprites_are_binary_centred_and_scale_with_the_scale_latent():
+    masks = rasterise(SpriteLatents.concatenate([_one(0, 0), _one(0, 5), _one(1, 0), _one(1, 5)]))
+    assert masks.shape == (4, 64, 64) and masks.dtype == torch.uint8
+    assert set(masks.unique().tolist()) == {0, 1}
+    areas = masks.flatten(1).sum(1).tolist()
+    assert areas[1] > 2 * areas[0] and areas[3] > 2 * areas[2]  # scale 5 much larger than scale 0
+    # a square fills its bounding box, an ellipse about π/4 of it
+    for mask, fill in ((masks[1], 1.0), (masks[3], np.pi / 4)):
+        rows, cols = mask.nonzero(as_tuple=True)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert mask.sum().item() / box.item() == pytest.approx(fill, abs=0.08)
+
+
+def test_sprite_position_moves_the_mask():
+    left, right = rasterise(SpriteLatents.concatenate([_one(1, x=0), _one(1, x=31)]))
+    assert left.nonzero()[:, 1].float().mean() < 24 < right.nonzero()[:, 1].float().mean()
+
+
+# --------------------------------------------------------------------------- CdSprites-N
+
+
+@pytest.fixture(scope="module")
+def cdsprites5():
+    return build_cdsprites(5, 300, seed=3)
+
+
+def test_cdsprites_shapes_sizes_and_balanced_labels(cdsprites5):
+    assert len(cdsprites5) == 6
+    for env in cdsprites5:
+        assert len(env) == 300
+        image, label = env[0]
+        assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+        assert label.item() in (0, 1)
+        assert env.masks.dtype == torch.uint8  # stored compactly, coloured on access
+        assert env.labels.sum().item() == 150
+        assert torch.equal(env.images(torch.arange(4)), torch.stack([env[i][0] for i in range(4)]))
+
+
+def _colour_accuracy(env) -> float:
+    """Accuracy of the best classifier that sees only the colour (majority label per colour)."""
+    colours = [tuple(c) for c in env.colours.tolist()]
+    correct = 0
+    for colour in set(colours):
+        labels = env.labels[[c == colour for c in colours]]
+        correct += max(int(labels.sum()), len(labels) - int(labels.sum()))
+    return correct / len(env)
+
+
+def test_colour_predicts_the_label_in_training_domains_only(cdsprites5):
+    palettes = []
+    for env in cdsprites5[:-1]:
+        assert _colour_accuracy(env) == 1.0
+        palette = torch.stack([env.colours[env.labels == k][0] for k in (0, 1)])
+        assert torch.equal(env.colours, palette[env.labels])
+        assert torch.dist(palette[0], palette[1]) >= MIN_COLOUR_DISTANCE
+        palettes.append(palette)
+    assert len({tuple(p.flatten().tolist()) for p in palettes}) == 5  # a palette per domain
+    decorrelated = cdsprites5[-1]
+    assert 0.4 < _colour_accuracy(decorrelated) < 0.65  # 10 colours, 300 images: chance level
+    used = {tuple(c) for c in decorrelated.colours.tolist()}
+    assert used <= {tuple(c) for p in palettes for c in p.tolist()}
+
+
+def test_shape_is_the_label(cdsprites5):
+    # squares fill their bounding box, ellipses do not: the label is visible in the mask
+    env = cdsprites5[0]
+    fill = []
+    for mask in env.masks[:60]:
+        rows, cols = mask.nonzero(as_tuple=True)
+        fill.append(mask.sum().item() / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)).item())
+    fill = torch.tensor(fill)
+    labels = env.labels[:60]
+    assert fill[labels == 1].mean() < fill[labels == 0].mean()
+
+
+def test_cdsprites_is_deterministic_and_the_seed_matters():
+    a, b = build_cdsprites(3, 40, seed=11), build_cdsprites.__wrapped__(3, 40, seed=11)
+    c = build_cdsprites.__wrapped__(3, 40, seed=12)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.masks, y.masks) and torch.equal(x.colours, y.colours) and torch.equal(x.labels, y.labels)
+    assert not torch.equal(a[0].masks, c[0].masks)
+
+
+def test_cdsprites_sizes_are_checked_with_the_fix_named():
+    with pytest.raises(ValueError, match="cdsprites_per_domain"):
+        build_cdsprites(50, max_per_domain(50) + 2)
+    with pytest.raises(ValueError, match="at least one training domain"):
+        build_cdsprites(0, 10)
+
+
+# --------------------------------------------------------------------------- the linear toy
+
+
+def test_toy_domains_have_the_documented_proportions():
+    x, y = toy_domain(2, 1000).tensors
+    x1 = (x == 0).all(1)
+    x2 = (x == torch.tensor([1.0, 0, 1, 0])).all(1)
+    x3 = (x == torch.tensor([1.0, 0, 0, 0])).all(1)
+    assert (x1.sum(), x2.sum(), x3.sum()) == (500, 400, 100)
+    assert y[x1].sum() == 0 and y[x2].sum() == 400 and y[x3].sum() == 30
+    assert expected_heldout_accuracy(True) == pytest.approx(0.93)
+    assert expected_heldout_accuracy(False) == pytest.approx(0.57)
+    with pytest.raises(ValueError, match="toy_per_domain"):
+        toy_domain(1, 5)
+
+
+# --------------------------------------------------------------------------- through DomainBed
+
+PLUGIN_DATASETS = list(registry.DATASETS)
+
+
+@pytest.mark.parametrize("name", PLUGIN_DATASETS)
+def test_every_listed_dataset_is_a_domainbed_dataset(domainbed, name):
+    from domainbed import datasets, hparams_registry
+
+    cls = datasets.get_dataset_class(name)
+    assert name in datasets.DATASETS
+    assert issubclass(cls, datasets.MultipleDomainDataset)
+    hparams = hparams_registry.default_hparams("ERM", name)
+    if name.startswith("CdSprites"):
+        n = int(name.removeprefix("CdSprites"))
+        assert cls.ENVIRONMENTS == [f"spurious{d}" for d in range(n)] + ["decorrelated"]
+        assert cls.decorrelated_env() == n == datasets.num_environments(name) - 1
+        hparams["cdsprites_per_domain"] = 4
+    else:
+        assert cls.ENVIRONMENTS == ["domain1", "domain2", "heldout"]
+        hparams["toy_per_domain"] = 20
+    dataset = cls("unused", [cls.decorrelated_env()], hparams)
+    assert len(dataset) == len(cls.ENVIRONMENTS)
+    assert dataset.input_shape == cls.INPUT_SHAPE and dataset.num_classes == 2
+    x, y = dataset[0][0]
+    assert tuple(x.shape) == cls.INPUT_SHAPE and y.item() in (0, 1)
+
+
+def test_cdsprites_hparams_are_cpu_sized_and_sizes_are_an_option(domainbed):
+    from domainbed import datasets, hparams_registry
+
+    hparams = hparams_registry.default_hparams("ERM", "CdSprites15")
+    assert hparams["lr"] == 1e-3 and hparams["batch_size"] == 32
+    assert hparams["cdsprites_per_domain"] == 2000
+    random = hparams_registry.random_hparams("ERM", "CdSprites15", 3)
+    assert random == hparams_registry.random_hparams("ERM", "CdSprites15", 3)
+    assert 8 <= random["batch_size"] <= 64
+    dataset = datasets.get_dataset_class("CdSprites10")("", [10], {**hparams, "cdsprites_per_domain": 6})
+    assert [len(env) for env in dataset] == [6] * 11
+
+
+@pytest.mark.parametrize(("dataset", "featurizer"), [("CdSprites5", "CdSpritesCNN"), ("Debug28", "MNIST_CNN")])
+def test_every_algorithm_gets_the_cdsprites_network_for_64px_inputs(domainbed, dataset, featurizer):
+    from domainbed import algorithms, hparams_registry
+
+    for name in ("ERM", "CORAL", "Fish", "IDGM"):
+        hparams = hparams_registry.default_hparams(name, dataset)
+        cls = algorithms.get_algorithm_class(name)
+        shape = (3, 64, 64) if dataset.startswith("CdSprites") else (3, 28, 28)
+        model = cls(shape, 2, 3, hparams)
+        assert type(model.network[0] if hasattr(model, "network") else model.featurizer).__name__ == featurizer
+
+
+def test_linear_toy_model_is_linear_and_starts_at_zero(domainbed):
+    from domainbed import algorithms, hparams_registry
+
+    for name in ("ERM", "Fish", "IDGM"):
+        model = algorithms.get_algorithm_class(name)((4,), 2, 2, hparams_registry.default_hparams(name, "LinearToy"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert sum(p.numel() for p in params) == 4 * 2 + 2  # one linear layer, 4 -> 2
+        assert all(p.abs().sum() == 0 for p in params)
+
+
+@pytest.mark.parametrize(("dataset", "algorithm", "test_env", "hparams"), [
+    ("CdSprites5", "Fish", 5, {"cdsprites_per_domain": 20, "batch_size": 4, "gip_every": 1}),
+    ("LinearToy", "IDGM", 2, {"toy_per_domain": 100, "batch_size": 50, "gip_every": 1}),
+])
+def test_domainbed_train_script_on_the_papers_datasets(domainbed, tmp_path, dataset, algorithm, test_env, hparams):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [PYTHON, "-m", "domainbed.scripts.train", "--dataset", dataset, "--algorithm", algorithm,
+         "--steps", "3", "--checkpoint_freq", "2", "--test_envs", str(test_env),
+         "--hparams", json.dumps(hparams), "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "done").exists()
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2]
+    assert f"env{test_env}_out_acc" in records[-1] and "gip" in records[-1]
+    assert records[0]["hparams"] | hparams == records[0]["hparams"]

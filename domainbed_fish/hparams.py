@@ -67,6 +67,10 @@ FISH_HPARAMS: tuple[HParam, ...] = (
 IDGM_HPARAMS: tuple[HParam, ...] = (
     HParam("idgm_gamma", 0.1, lambda r: float(10 ** r.uniform(-3, 0)),
            "γ, the weight of the gradient inner product in L_erm − γĜ"),
+    HParam("idgm_penalty_bound", 0.5, lambda r: float(r.uniform(0.25, 0.9)),
+           "ρ: the penalty's gradient is kept within ρ·‖Ḡ‖ by lowering γ for that step "
+           "(γ_t = min(γ, ρ‖Ḡ‖/‖∇Ĝ‖)), so with ρ < 1 every step still descends L_erm; "
+           "inf: a fixed γ, the unbounded objective"),
     HParam("idgm_penalty_anneal_iters", 500, lambda r: int(10 ** r.uniform(0, 4)),
            "steps of plain ERM (γ = 0) before the penalty switches on, with an optimizer "
            "reset at the switch, as DomainBed's IRM and VREx"),
@@ -184,6 +188,7 @@ class IDGMConfig:
     lr: float
     weight_decay: float
     gamma: float
+    penalty_bound: float
     penalty_anneal_iters: int
     optimizer: str
 
@@ -194,6 +199,10 @@ class IDGMConfig:
         gamma = _number(hparams, "idgm_gamma")
         if gamma < 0 or math.isinf(gamma):
             raise _bad("idgm_gamma", hparams["idgm_gamma"], "a finite idgm_gamma >= 0")
+        bound = _number(hparams, "idgm_penalty_bound")
+        if not bound > 0:
+            raise _bad("idgm_penalty_bound", hparams["idgm_penalty_bound"],
+                       "idgm_penalty_bound > 0 (inf for no bound)")
         lr = _number(hparams, "lr")
         if lr <= 0:
             raise _bad("lr", hparams["lr"], "lr > 0")
@@ -204,6 +213,7 @@ class IDGMConfig:
             lr=lr,
             weight_decay=weight_decay,
             gamma=gamma,
+            penalty_bound=bound,
             penalty_anneal_iters=_integer(hparams, "idgm_penalty_anneal_iters", 0),
             optimizer=_choice(hparams, "idgm_optimizer", OPTIMIZERS),
         )

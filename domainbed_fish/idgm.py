@@ -33,19 +33,43 @@ from domainbed_fish.optim import make_optimizer, reset_optimizer_state
 
 @dataclass
 class IDGMGradient:
-    """∇_θ(L_erm − γĜ) and the values it was computed from (all detached)."""
+    """∇_θ(L_erm − γ_t Ĝ) and the values it was computed from (all detached)."""
 
     grads: list[Tensor]
     nll: Tensor  # L_erm
     gip: Tensor  # Ĝ
-    objective: Tensor  # L_erm − γĜ
+    gamma: Tensor  # γ_t, the weight used (γ unless the bound lowered it)
+    objective: Tensor  # L_erm − γ_t Ĝ
 
 
-def idgm_gradient(losses: Sequence[Tensor], params: Sequence[Tensor], gamma: float) -> IDGMGradient:
+def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
+
+
+def bounded_gamma(gamma: float, bound: float, mean_grad_norm: Tensor, gip_grad_norm: Tensor) -> Tensor:
+    """γ_t = min(γ, ρ‖Ḡ‖/‖∇Ĝ‖): the largest weight ≤ γ whose penalty gradient is ≤ ρ‖Ḡ‖.
+
+    L_erm − γĜ is unbounded below (Ĝ grows with the gradients, PAPER.md §1), and an
+    adaptive optimizer follows even a tiny penalty gradient once the cross-entropy
+    is near zero.  Keeping ‖γ_t∇Ĝ‖ ≤ ρ‖Ḡ‖ with ρ < 1 makes every step a descent
+    direction of L_erm (Ḡ·(Ḡ − γ_t∇Ĝ) ≥ (1 − ρ)‖Ḡ‖² > 0): the penalty steers among
+    descent directions but never reverses ERM's progress.  ``bound = inf`` is the
+    fixed-γ objective.
+    """
+    if gamma == 0.0 or bound == float("inf"):
+        return mean_grad_norm.new_tensor(gamma)
+    limit = bound * mean_grad_norm / gip_grad_norm
+    return torch.where(gip_grad_norm > 0, limit.clamp(max=gamma), limit.new_tensor(gamma))
+
+
+def idgm_gradient(
+    losses: Sequence[Tensor], params: Sequence[Tensor], gamma: float, bound: float = float("inf")
+) -> IDGMGradient:
     """The gradient of the IDGM objective from the per-domain losses ``[L_1, …, L_S]``.
 
     ∇(L_erm − γĜ) = Ḡ − γ∇Ĝ, where Ḡ = (1/S) Σ_s G_s reuses the per-domain
     gradients already needed for Ĝ, so only ∇Ĝ costs an extra (double) backward.
+    With a finite ``bound`` ρ, γ is lowered to :func:`bounded_gamma` for this step.
     With ``gamma == 0`` no graph is kept and this is ERM's gradient plus the
     diagnostic Ĝ.
     """
@@ -58,12 +82,13 @@ def idgm_gradient(losses: Sequence[Tensor], params: Sequence[Tensor], gamma: flo
     if second_order:
         gip_grads = torch.autograd.grad(gip, params, materialize_grads=True)
         with torch.no_grad():
-            total = [m.sub_(g, alpha=gamma) for m, g in zip(mean_grad, gip_grads, strict=True)]
+            gamma_t = bounded_gamma(gamma, bound, _global_norm(mean_grad), _global_norm(gip_grads))
+            torch._foreach_add_(mean_grad, torch._foreach_mul(gip_grads, -gamma_t))
     else:
-        total = mean_grad
+        gamma_t = gip.new_tensor(gamma)
     nll = torch.stack([loss.detach() for loss in losses]).mean()
     gip = gip.detach()
-    return IDGMGradient(grads=total, nll=nll, gip=gip, objective=nll - gamma * gip)
+    return IDGMGradient(grads=mean_grad, nll=nll, gip=gip, gamma=gamma_t, objective=nll - gamma_t * gip)
 
 
 def idgm_objective(network: nn.Module, minibatches: Minibatches, gamma: float) -> Tensor:
@@ -76,7 +101,8 @@ def idgm_objective(network: nn.Module, minibatches: Minibatches, gamma: float) -
 
 
 class IDGMUpdater:
-    """IDGM's update on ``network``, with DomainBed-style penalty annealing.
+    """IDGM's update on ``network``: γ bounded per step (:func:`bounded_gamma`), with
+    DomainBed-style penalty annealing.
 
     For the first ``penalty_anneal_iters`` steps γ = 0 (plain ERM on per-domain
     minibatches); at the switch the optimizer's state is reset, as DomainBed's IRM
@@ -105,7 +131,7 @@ class IDGMUpdater:
 
         losses = per_domain_losses(self.network, minibatches)
         self._check_finite(torch.stack([loss.detach() for loss in losses]), "loss")
-        result = idgm_gradient(losses, params, gamma)
+        result = idgm_gradient(losses, params, gamma, c.penalty_bound)
         self._check_finite(result.objective.reshape(1), "objective L_erm − γĜ")
 
         for p, g in zip(params, result.grads, strict=True):
@@ -116,7 +142,7 @@ class IDGMUpdater:
             "loss": result.objective.item(),
             "nll": result.nll.item(),
             "gip": result.gip.item(),
-            "penalty_weight": gamma,
+            "penalty_weight": result.gamma.item(),
         }
 
     def _check_finite(self, values: Tensor, what: str) -> None:

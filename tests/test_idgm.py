@@ -13,6 +13,7 @@ from domainbed_fish.gradients import per_domain_gradients, per_domain_losses
 from domainbed_fish.idgm import IDGMUpdater, idgm_gradient, idgm_objective
 
 GAMMA = 0.7
+INF = float("inf")
 
 
 def brute_force_idgm_gradient(net, batches, gamma):
@@ -73,7 +74,7 @@ def test_gamma_zero_is_erm_gradient_on_equal_batches():
 
 def test_penalty_annealing_and_optimizer_reset():
     net, batches = tiny_net(), domain_minibatches()
-    updater = IDGMUpdater(net, idgm_config(idgm_gamma=0.3, idgm_penalty_anneal_iters=2))
+    updater = IDGMUpdater(net, idgm_config(idgm_gamma=0.3, idgm_penalty_anneal_iters=2, idgm_penalty_bound=INF))
     weights = [updater.step(batches)["penalty_weight"] for _ in range(4)]
     assert weights == [0.0, 0.0, 0.3, 0.3]
     # Adam's step count restarted at the switch (step index 2): steps 2 and 3 only.
@@ -83,7 +84,7 @@ def test_penalty_annealing_and_optimizer_reset():
 
 def test_anneal_zero_starts_with_penalty_and_no_reset():
     net, batches = tiny_net(), domain_minibatches()
-    updater = IDGMUpdater(net, idgm_config(idgm_gamma=0.3, idgm_penalty_anneal_iters=0))
+    updater = IDGMUpdater(net, idgm_config(idgm_gamma=0.3, idgm_penalty_anneal_iters=0, idgm_penalty_bound=INF))
     stats = [updater.step(batches) for _ in range(3)]
     assert [s["penalty_weight"] for s in stats] == [0.3] * 3
     assert {int(s["step"]) for s in updater.optimizer.state.values()} == {3}
@@ -94,11 +95,50 @@ def test_step_is_the_optimizer_applied_to_the_exact_gradient():
     net, batches = tiny_net(), domain_minibatches()
     before = [p.detach().clone() for p in net.parameters()]
     expected = idgm_gradient(per_domain_losses(net, batches), list(net.parameters()), GAMMA).grads
-    updater = IDGMUpdater(net, idgm_config(idgm_gamma=GAMMA, idgm_penalty_anneal_iters=0, idgm_optimizer="sgd", lr=0.1))
+    updater = IDGMUpdater(net, idgm_config(idgm_gamma=GAMMA, idgm_penalty_anneal_iters=0, idgm_optimizer="sgd", lr=0.1,
+                                       idgm_penalty_bound=INF))
     updater.optimizer.param_groups[0]["momentum"] = 0.0
     updater.step(batches)
     for p, b, g in zip(net.parameters(), before, expected):
         torch.testing.assert_close(p.detach(), b - 0.1 * g)
+
+
+@pytest.mark.parametrize("bound", [0.05, 0.5, 1e6])
+def test_bound_lowers_gamma_to_keep_the_penalty_within_rho_of_the_erm_gradient(bound):
+    net, batches = tiny_net(), domain_minibatches(num_domains=4)
+    params = list(net.parameters())
+    losses = per_domain_losses(net, batches)
+    grads = per_domain_gradients(losses, params, create_graph=True)
+    mean = [torch.stack(g).mean(0).detach() for g in zip(*grads)]
+    gip_grad = torch.autograd.grad(brute_force_gip(grads), params)
+    norm = lambda ts: torch.cat([t.flatten() for t in ts]).norm()  # noqa: E731
+    expected_gamma = min(GAMMA, bound * norm(mean).item() / norm(gip_grad).item())
+
+    result = idgm_gradient(per_domain_losses(net, batches), params, GAMMA, bound)
+    assert result.gamma.item() == pytest.approx(expected_gamma, rel=1e-5)
+    for got, m, g in zip(result.grads, mean, gip_grad):
+        torch.testing.assert_close(got, m - expected_gamma * g, rtol=1e-4, atol=1e-6)
+    penalty = norm([got - m for got, m in zip(result.grads, mean)]).item()
+    assert penalty <= bound * norm(mean).item() * (1 + 1e-4)
+    # with ρ < 1 the step still descends the ERM loss
+    if bound < 1:
+        assert sum((m * got).sum() for m, got in zip(mean, result.grads)).item() > 0
+    if bound == 1e6:  # never active: the fixed-γ gradient
+        assert result.gamma.item() == GAMMA
+
+
+def test_bound_keeps_adam_from_diverging_where_fixed_gamma_does():
+    """PAPER.md §1: with Adam, fixed γ runs away (Ĝ and the cross-entropy explode);
+    the bounded penalty keeps training on the ERM loss."""
+    def train(bound):
+        net, batches = tiny_net(seed=1), domain_minibatches(num_domains=3, seed=2)
+        updater = IDGMUpdater(net, idgm_config(idgm_gamma=1.0, idgm_penalty_anneal_iters=0, lr=0.05,
+                                                idgm_penalty_bound=bound))
+        return [updater.step(batches)["nll"] for _ in range(150)]
+
+    fixed, bounded = train(INF), train(0.5)
+    assert max(fixed) > 10 * fixed[0]
+    assert bounded[-1] < 0.5 * bounded[0]
 
 
 def test_non_finite_loss_names_step_and_domain_and_keeps_weights():

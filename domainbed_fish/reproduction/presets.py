@@ -1,0 +1,146 @@
+"""What a reproduction runs: the toy and CdSprites-N jobs of each preset.
+
+A preset fixes the algorithms, seeds, sizes and steps; every job is an ordinary
+``python -m domainbed.scripts.train`` run with DomainBed's default
+hyperparameters for its dataset and algorithm (``hparams_seed 0``), overridden
+only by the entries listed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from domainbed_fish.datasets.toy import HELDOUT_COORDINATE, TRAINING_COORDINATES
+
+#: Environment index of LinearToy's held-out domain.
+TOY_TEST_ENV = len(TRAINING_COORDINATES)
+assert HELDOUT_COORDINATE == TOY_TEST_ENV + 1
+
+#: N of the paper's Figure 5 (gradient inner product during training).
+GIP_TRACE_N = 15
+GIP_TRACE_ALGORITHMS = ("ERM", "Fish", "IDGM")
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One run of DomainBed's train script."""
+
+    dataset: str
+    algorithm: str
+    seed: int
+    test_env: int
+    steps: int
+    checkpoint_freq: int
+    hparams: dict[str, Any] = field(default_factory=dict)
+    save_every_checkpoint: bool = False
+
+    @property
+    def key(self) -> str:
+        """A short hash of everything that determines the run: a changed preset gets new runs."""
+        spec = json.dumps([self.dataset, self.algorithm, self.seed, self.test_env, self.steps,
+                           self.checkpoint_freq, self.hparams, self.save_every_checkpoint], sort_keys=True)
+        return hashlib.sha256(spec.encode()).hexdigest()[:8]
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.algorithm}-seed{self.seed}-{self.key}"
+
+    def train_args(self, output_dir: str) -> list[str]:
+        """Arguments of ``python -m domainbed.scripts.train``."""
+        args = [
+            "--dataset", self.dataset, "--algorithm", self.algorithm,
+            "--test_envs", str(self.test_env),
+            "--hparams_seed", "0", "--trial_seed", str(self.seed), "--seed", str(self.seed),
+            "--steps", str(self.steps), "--checkpoint_freq", str(self.checkpoint_freq),
+            "--hparams", json.dumps(self.hparams, sort_keys=True),
+            "--output_dir", output_dir,
+        ]
+        if self.save_every_checkpoint:
+            args.append("--save_model_every_checkpoint")
+        return args
+
+    @property
+    def cost(self) -> float:
+        """Relative compute, to start the longest jobs first."""
+        if not self.dataset.startswith("CdSprites"):
+            return 0.01 * self.steps / 1000
+        n = int(self.dataset.removeprefix("CdSprites"))
+        per_step = n * self.hparams.get("batch_size", 32) * (2.5 if self.algorithm == "IDGM" else 1.0)
+        return per_step * self.steps
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A reproduction: the toy and CdSprites-N."""
+
+    name: str
+    description: str
+    toy_algorithms: tuple[str, ...]
+    toy_seeds: int
+    toy_steps: int
+    toy_checkpoint_freq: int
+    cdsprites_sizes: tuple[int, ...]
+    cdsprites_algorithms: tuple[str, ...]
+    seeds: int
+    steps: int
+    checkpoint_freq: int
+    cdsprites_hparams: dict[str, Any]
+    toy_hparams: dict[str, Any] = field(default_factory=dict)
+    algorithm_hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def jobs(self) -> list[TrainJob]:
+        """Every job of the preset, longest first."""
+        jobs = [
+            TrainJob("LinearToy", algorithm, seed, TOY_TEST_ENV, self.toy_steps, self.toy_checkpoint_freq,
+                     dict(self.toy_hparams))
+            for algorithm in self.toy_algorithms for seed in range(self.toy_seeds)
+        ]
+        for n in self.cdsprites_sizes:
+            for algorithm in self.cdsprites_algorithms:
+                hparams = {**self.cdsprites_hparams, **self.algorithm_hparams.get(algorithm, {})}
+                trace = n == GIP_TRACE_N and algorithm in GIP_TRACE_ALGORITHMS
+                jobs += [
+                    TrainJob(f"CdSprites{n}", algorithm, seed, n, self.steps, self.checkpoint_freq, hparams, trace)
+                    for seed in range(self.seeds)
+                ]
+        return sorted(jobs, key=lambda job: -job.cost)
+
+
+ALGORITHMS = ("ERM", "CORAL", "Fish", "IDGM")
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        name="quick",
+        description="a smoke run of everything (minutes): tiny data, few steps, one seed; "
+                    "its numbers are not the paper's",
+        toy_algorithms=("ERM", "Fish", "IDGM"), toy_seeds=1, toy_steps=301, toy_checkpoint_freq=100,
+        cdsprites_sizes=(5, 15), cdsprites_algorithms=ALGORITHMS, seeds=1, steps=16, checkpoint_freq=5,
+        cdsprites_hparams={"cdsprites_per_domain": 40, "batch_size": 8},
+    ),
+    "default": Preset(
+        name="default",
+        description="the paper's comparison at CPU scale (under an hour on 2 cores)",
+        toy_algorithms=("ERM", "Fish", "IDGM"), toy_seeds=3, toy_steps=3001, toy_checkpoint_freq=500,
+        cdsprites_sizes=(5, 15, 30), cdsprites_algorithms=ALGORITHMS, seeds=3, steps=301, checkpoint_freq=50,
+        cdsprites_hparams={"cdsprites_per_domain": 500, "batch_size": 16},
+    ),
+    "long": Preset(
+        name="long",
+        description="Figure 4 over N = 5 … 50 with more data, steps and seeds (hours)",
+        toy_algorithms=("ERM", "Fish", "IDGM"), toy_seeds=5, toy_steps=3001, toy_checkpoint_freq=500,
+        cdsprites_sizes=(5, 10, 15, 20, 30, 40, 50), cdsprites_algorithms=ALGORITHMS, seeds=5, steps=1001,
+        checkpoint_freq=100,
+        cdsprites_hparams={"cdsprites_per_domain": 2000, "batch_size": 32},
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset ``name``, or an error listing the presets."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown reproduction preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -254,4 +254,13 @@ LINEAR_TOY_ALGORITHM_HPARAMS: dict[str, tuple[HParam, ...]] = {
         HParam("fish_random_order", True, _fixed(True), "random domain order (Theorem 3.1)"),
         HParam("meta_lr", 0.1, lambda r: float(r.choice([0.05, 0.1, 0.5])), "ε"),
     ),
+    # Fish's outer step is ε·α·S = 0.1 · 0.01 · 2 = 0.002 in SGD units; IDGM gets the
+    # same step (SGD with momentum 0.9: 0.0002 / (1 − 0.9)), so the two compare at
+    # equal speed on a problem whose outcome depends on how far training has gone.
+    "IDGM": (
+        HParam("idgm_optimizer", "sgd", _fixed("sgd"), "SGD (momentum 0.9), like Fish's inner SGD"),
+        HParam("lr", 0.0002, lambda r: float(10 ** r.uniform(-4, -3)), "learning rate"),
+        HParam("idgm_gamma", 1.0, lambda r: float(10 ** r.uniform(-1, 1)), "γ"),
+        HParam("idgm_penalty_anneal_iters", 0, _fixed(0), "penalty from the first step"),
+    ),
 }

@@ -36,6 +36,11 @@ class TrainJob:
     checkpoint_freq: int
     hparams: dict[str, Any] = field(default_factory=dict)
     save_every_checkpoint: bool = False
+    label: str = ""  # the row in the report; the algorithm's name unless a variant
+
+    @property
+    def row(self) -> str:
+        return self.label or self.algorithm
 
     @property
     def key(self) -> str:
@@ -73,12 +78,36 @@ class TrainJob:
 
 
 @dataclass(frozen=True)
+class ToyRun:
+    """A row of the toy table: an algorithm at the toy's defaults, or a labelled variant."""
+
+    algorithm: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def row(self) -> str:
+        return self.label or self.algorithm
+
+
+#: The toy's three algorithms, and two controls that separate gradient matching from
+#: step size: the toy's outcome depends on how far training has gone (see README).
+TOY_RUNS = (
+    ToyRun("ERM"),
+    ToyRun("Fish"),
+    ToyRun("IDGM"),
+    ToyRun("IDGM", {"idgm_gamma": 0.0}, label="control: ERM with IDGM's SGD step (γ = 0)"),
+    ToyRun("Fish", {"meta_lr": 0.5}, label="control: Fish with ε = 0.5"),
+)
+
+
+@dataclass(frozen=True)
 class Preset:
     """A reproduction: the toy and CdSprites-N."""
 
     name: str
     description: str
-    toy_algorithms: tuple[str, ...]
+    toy_runs: tuple[ToyRun, ...]
     toy_seeds: int
     toy_steps: int
     toy_checkpoint_freq: int
@@ -88,15 +117,14 @@ class Preset:
     steps: int
     checkpoint_freq: int
     cdsprites_hparams: dict[str, Any]
-    toy_hparams: dict[str, Any] = field(default_factory=dict)
     algorithm_hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def jobs(self) -> list[TrainJob]:
         """Every job of the preset, longest first."""
         jobs = [
-            TrainJob("LinearToy", algorithm, seed, TOY_TEST_ENV, self.toy_steps, self.toy_checkpoint_freq,
-                     dict(self.toy_hparams))
-            for algorithm in self.toy_algorithms for seed in range(self.toy_seeds)
+            TrainJob("LinearToy", run.algorithm, seed, TOY_TEST_ENV, self.toy_steps, self.toy_checkpoint_freq,
+                     dict(run.hparams), label=run.label)
+            for run in self.toy_runs for seed in range(self.toy_seeds)
         ]
         for n in self.cdsprites_sizes:
             for algorithm in self.cdsprites_algorithms:
@@ -116,21 +144,21 @@ PRESETS: dict[str, Preset] = {
         name="quick",
         description="a smoke run of everything (minutes): tiny data, few steps, one seed; "
                     "its numbers are not the paper's",
-        toy_algorithms=("ERM", "Fish", "IDGM"), toy_seeds=1, toy_steps=301, toy_checkpoint_freq=100,
+        toy_runs=TOY_RUNS[:3], toy_seeds=1, toy_steps=301, toy_checkpoint_freq=100,
         cdsprites_sizes=(5, 15), cdsprites_algorithms=ALGORITHMS, seeds=1, steps=16, checkpoint_freq=5,
         cdsprites_hparams={"cdsprites_per_domain": 40, "batch_size": 8},
     ),
     "default": Preset(
         name="default",
         description="the paper's comparison at CPU scale (under an hour on 2 cores)",
-        toy_algorithms=("ERM", "Fish", "IDGM"), toy_seeds=3, toy_steps=3001, toy_checkpoint_freq=500,
+        toy_runs=TOY_RUNS, toy_seeds=3, toy_steps=3001, toy_checkpoint_freq=500,
         cdsprites_sizes=(5, 15, 30), cdsprites_algorithms=ALGORITHMS, seeds=3, steps=301, checkpoint_freq=50,
         cdsprites_hparams={"cdsprites_per_domain": 500, "batch_size": 16},
     ),
     "long": Preset(
         name="long",
         description="Figure 4 over N = 5 … 50 with more data, steps and seeds (hours)",
-        toy_algorithms=("ERM", "Fish", "IDGM"), toy_seeds=5, toy_steps=3001, toy_checkpoint_freq=500,
+        toy_runs=TOY_RUNS, toy_seeds=5, toy_steps=3001, toy_checkpoint_freq=500,
         cdsprites_sizes=(5, 10, 15, 20, 30, 40, 50), cdsprites_algorithms=ALGORITHMS, seeds=5, steps=1001,
         checkpoint_freq=100,
         cdsprites_hparams={"cdsprites_per_domain": 2000, "batch_size": 32},

@@ -102,7 +102,7 @@ def collect(output_dir: Path, jobs: Sequence[TrainJob]) -> tuple[list[RunResult]
 def _group(results: Sequence[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
     groups: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
     for result in results:
-        groups[result.job.dataset, result.job.algorithm].append(result)
+        groups[result.job.dataset, result.job.row].append(result)
     return groups
 
 
@@ -110,7 +110,7 @@ def _gip_by_algorithm(results: Sequence[RunResult]) -> dict[str, dict[int, list[
     traces: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for result in results:
         for step, value in result.gip:
-            traces[result.job.algorithm][step].append(value)
+            traces[result.job.row][step].append(value)
     return traces
 
 
@@ -118,10 +118,10 @@ def summarise(preset: Preset, results: Sequence[RunResult]) -> dict[str, Any]:
     """Every number of the report, as plain data (written to ``report.json``)."""
     groups = _group(results)
     toy = {}
-    for algorithm in preset.toy_algorithms:
-        runs = groups.get(("LinearToy", algorithm), [])
+    for run in preset.toy_runs:
+        runs = groups.get(("LinearToy", run.row), [])
         if runs:
-            toy[algorithm] = {
+            toy[run.row] = {
                 "heldout_acc": mean_se([r.final_acc for r in runs]),
                 "weights": {k: mean_se([r.weights[k] for r in runs]) for k in runs[0].weights},
                 "runs": len(runs),

@@ -1,0 +1,145 @@
+"""The reproduction command: its presets, resumable job running, report, and a real --quick run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+from conftest import PYTHON, REPO, subprocess_env
+
+from domainbed_fish.reproduction import jobs as jobs_module
+from domainbed_fish.reproduction.presets import GIP_TRACE_N, PRESETS, TrainJob, get_preset
+from domainbed_fish.reproduction.report import REPORT_FILES, mean_se, read_records, targets
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_cover_the_paper_and_run_longest_first(name):
+    preset = get_preset(name)
+    jobs = preset.jobs()
+    assert len({job.name for job in jobs}) == len(jobs)
+    cdsprites = [job for job in jobs if job.dataset.startswith("CdSprites")]
+    assert len(cdsprites) == len(preset.cdsprites_sizes) * len(preset.cdsprites_algorithms) * preset.seeds
+    assert {"ERM", "CORAL", "Fish", "IDGM"} <= set(preset.cdsprites_algorithms)
+    assert GIP_TRACE_N in preset.cdsprites_sizes
+    for job in cdsprites:  # the decorrelated environment is the test environment
+        assert job.test_env == int(job.dataset.removeprefix("CdSprites"))
+        assert job.save_every_checkpoint == (job.test_env == GIP_TRACE_N and job.algorithm != "CORAL")
+    toy_rows = {job.row for job in jobs if job.dataset == "LinearToy"}
+    assert {"ERM", "Fish", "IDGM"} <= toy_rows
+    costs = [job.cost for job in jobs]
+    assert costs == sorted(costs, reverse=True)
+    if name != "quick":
+        assert {5, 15, 30} <= set(preset.cdsprites_sizes) and preset.seeds >= 3
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match=r"choose one of \['default', 'long', 'quick'\]"):
+        get_preset("paper")
+
+
+def test_job_key_changes_with_anything_that_changes_the_run():
+    job = TrainJob("CdSprites5", "Fish", 0, 5, 10, 5, {"batch_size": 8})
+    assert job.key == TrainJob("CdSprites5", "Fish", 0, 5, 10, 5, {"batch_size": 8}).key
+    assert job.key != TrainJob("CdSprites5", "Fish", 0, 5, 10, 5, {"batch_size": 16}).key
+    assert job.key != TrainJob("CdSprites5", "Fish", 1, 5, 10, 5, {"batch_size": 8}).key
+    args = job.train_args("out")
+    assert args[args.index("--test_envs") + 1] == "5" and args[args.index("--trial_seed") + 1] == "0"
+    assert json.loads(args[args.index("--hparams") + 1]) == {"batch_size": 8}
+
+
+def test_finished_jobs_are_skipped_and_interrupted_ones_restarted(tmp_path, monkeypatch):
+    finished = TrainJob("LinearToy", "ERM", 0, 2, 10, 5)
+    interrupted = TrainJob("LinearToy", "ERM", 1, 2, 10, 5)
+    (jobs_module.run_dir(tmp_path, finished)).mkdir(parents=True)
+    (jobs_module.run_dir(tmp_path, finished) / "done").write_text("done")
+    leftover = jobs_module.run_dir(tmp_path, interrupted)
+    leftover.mkdir(parents=True)
+    (leftover / "results.jsonl").write_text('{"step": 0}\n{"ste')  # what a SIGKILL leaves
+
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        out = command[command.index("--output_dir") + 1]
+        assert not (jobs_module.Path(out) / "results.jsonl").exists()  # cleared first
+        (jobs_module.Path(out) / "done").write_text("done")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(jobs_module.subprocess, "run", fake_run)
+    outcomes = jobs_module.run_jobs(tmp_path, [finished, interrupted], workers=2)
+    assert [o.job for o in outcomes] == [interrupted] and outcomes[0].error is None
+    assert len(calls) == 1 and calls[0][0] == PYTHON and "domainbed.scripts.train" in calls[0]
+
+
+def test_a_failing_job_reports_its_error(tmp_path, monkeypatch):
+    job = TrainJob("LinearToy", "ERM", 0, 2, 10, 5)
+    monkeypatch.setattr(jobs_module.subprocess, "run",
+                        lambda command, **kw: subprocess.CompletedProcess(command, 1, "", "Traceback\nValueError: bad"))
+    (outcome,) = jobs_module.run_jobs(tmp_path, [job], workers=1)
+    assert outcome.error.endswith("ValueError: bad")
+    assert not jobs_module.is_done(tmp_path, job)
+
+
+def test_mean_and_standard_error():
+    assert mean_se([0.5]) == (0.5, 0.0)
+    mean, se = mean_se([0.8, 0.9, 1.0])
+    assert mean == pytest.approx(0.9) and se == pytest.approx(0.1 / math.sqrt(3))
+
+
+def test_malformed_results_line_is_skipped_with_its_location(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"step": 0}\n{"step": \n{"step": 2}\n')
+    with pytest.warns(UserWarning, match=r"results.jsonl:2: skipped"):
+        assert [r["step"] for r in read_records(path)] == [0, 2]
+
+
+def test_targets_read_the_summary():
+    def entry(acc):
+        return {"selected_acc": (acc, 0.0), "final_acc": (acc, 0.0), "runs": 3}
+
+    summary = {
+        "cdsprites": {"Fish": {"5": entry(0.55), "15": entry(0.93), "30": entry(0.8)},
+                      "IDGM": {"15": entry(0.88)}, "ERM": {"15": entry(0.52)}},
+        "toy": {"ERM": {"heldout_acc": (0.569, 0)}, "Fish": {"heldout_acc": (0.932, 0)},
+                "IDGM": {"heldout_acc": (0.932, 0)}},
+        "gip_n15": {"ERM": {"0": (0.1, 0), "50": (0.2, 0)}, "Fish": {"0": (0.1, 0), "50": (2.0, 0)}},
+    }
+    checks = {what: holds for what, _, holds in targets(summary)}
+    assert checks["CdSprites15 Fish >= 90% (training-domain validation)"] is True
+    assert checks["CdSprites15 IDGM >= 90% (end of training)"] is False
+    assert checks["CdSprites15 ERM <= 60% (end of training)"] is True
+    assert checks["Fish at N=30 ≥ Fish at N=5 + 20 points (end of training)"] is True
+    assert checks["Ĝ over training at N=15: Fish > ERM (mean over checkpoints)"] is True
+    assert checks["toy held-out accuracy, ERM ≈ 57%"] is True
+
+
+def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainbed, tmp_path):
+    out = tmp_path / "reproduction"
+    command = [PYTHON, "-m", "domainbed_fish.reproduction", "--quick", "--output_dir", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in REPORT_FILES:
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["missing"] == []
+    assert set(summary["cdsprites"]) == {"ERM", "CORAL", "Fish", "IDGM"}
+    assert set(summary["cdsprites"]["Fish"]) == {"5", "15"}
+    assert set(summary["gip_n15"]) == {"ERM", "Fish", "IDGM"}
+    assert set(summary["toy"]) == {"ERM", "Fish", "IDGM"}
+    for entry in summary["toy"].values():
+        assert 0.0 <= entry["heldout_acc"][0] <= 1.0
+        assert entry["weights"]["heldout"] == (0.0, 0.0)  # never trained: stays at its zero init
+    report = (out / "report.md").read_text()
+    assert "| Fish |" in report and "## The paper's findings, as measured here" in report
+    assert (out / "figure4_accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
+    # DomainBed's own collect_results reads the runs
+    collected = subprocess.run([PYTHON, "-m", "domainbed.scripts.collect_results", "--input_dir", str(out / "runs")],
+                               capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env())
+    assert collected.returncode == 0, collected.stderr[-3000:]
+    assert "CdSprites15" in collected.stdout and "IDGM" in collected.stdout
+    # running again finds everything done and only rewrites the report
+    again = subprocess.run([*command, "--dry_run"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                           env=subprocess_env())
+    assert "11 jobs, 11 already done" in again.stdout

@@ -235,6 +235,15 @@ CDSPRITES_HPARAMS: tuple[HParam, ...] = (
            "seed of the sprites and palettes; the same for every trial, like a downloaded dataset"),
 )
 
+#: Settings of the plugin's algorithms that differ on CdSprites: 1,001 steps leave no
+#: room for IDGM's DomainBed-style warm-up, and the bounded penalty does not need one.
+CDSPRITES_ALGORITHM_HPARAMS: dict[str, tuple[HParam, ...]] = {
+    "IDGM": (
+        HParam("idgm_penalty_anneal_iters", 0, lambda r: int(10 ** r.uniform(0, 2)),
+               "penalty from the first step (random: up to 100 ERM steps first)"),
+    ),
+}
+
 LINEAR_TOY_HPARAMS: tuple[HParam, ...] = (
     HParam("linear_model", True, _fixed(True),
            "one zero-initialised linear layer on the raw inputs (DomainBed's featurizer "

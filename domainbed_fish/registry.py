@@ -9,6 +9,7 @@ imports neither torch nor DomainBed.
 from __future__ import annotations
 
 from domainbed_fish.hparams import (
+    CDSPRITES_ALGORITHM_HPARAMS,
     CDSPRITES_HPARAMS,
     FISH_HPARAMS,
     IDGM_HPARAMS,
@@ -51,7 +52,7 @@ DATASET_HPARAMS_BASE: str = SMALL_IMAGES_BASE
 #: Hyperparameters of the plugin's datasets: dataset -> algorithm (``"*"``: every
 #: algorithm) -> entries that are added or replace DomainBed's.
 DATASET_HPARAMS: dict[str, dict[str, tuple[HParam, ...]]] = {
-    **{f"CdSprites{n}": {"*": CDSPRITES_HPARAMS} for n in CDSPRITES_SIZES},
+    **{f"CdSprites{n}": {"*": CDSPRITES_HPARAMS, **CDSPRITES_ALGORITHM_HPARAMS} for n in CDSPRITES_SIZES},
     "LinearToy": {"*": LINEAR_TOY_HPARAMS, **LINEAR_TOY_ALGORITHM_HPARAMS},
 }
 

@@ -15,7 +15,7 @@ from domainbed_fish.reproduction.report import REPORT_FILES, mean_se, read_recor
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_presets_cover_the_paper_and_run_longest_first(name):
+def test_presets_cover_the_paper_and_run_the_headline_jobs_first(name):
     preset = get_preset(name)
     jobs = preset.jobs()
     assert len({job.name for job in jobs}) == len(jobs)
@@ -28,8 +28,7 @@ def test_presets_cover_the_paper_and_run_longest_first(name):
         assert job.save_every_checkpoint == (job.test_env == GIP_TRACE_N and job.algorithm != "CORAL")
     toy_rows = {job.row for job in jobs if job.dataset == "LinearToy"}
     assert {"ERM", "Fish", "IDGM"} <= toy_rows
-    costs = [job.cost for job in jobs]
-    assert costs == sorted(costs, reverse=True)
+    assert jobs[0].dataset == "LinearToy" and jobs[len(toy_rows) * preset.toy_seeds].dataset == "CdSprites15"
     if name != "quick":
         assert {5, 15, 30} <= set(preset.cdsprites_sizes) and preset.seeds >= 3
 

@@ -7,6 +7,7 @@ import math
 import subprocess
 
 import pytest
+import torch
 from conftest import PYTHON, REPO, subprocess_env
 
 from domainbed_fish.reproduction import jobs as jobs_module
@@ -142,3 +143,20 @@ def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainb
     again = subprocess.run([*command, "--dry_run"], capture_output=True, text=True, timeout=600, cwd=REPO,
                            env=subprocess_env())
     assert "11 jobs, 11 already done" in again.stdout
+
+
+def test_alignment_is_the_gip_and_the_mean_pairwise_cosine():
+    from conftest import domain_minibatches, tiny_net
+    from test_gradients import brute_force_gip
+
+    from domainbed_fish.gradients import per_domain_gradients, per_domain_losses
+    from domainbed_fish.reproduction.gip_trace import alignment
+
+    net, batches = tiny_net(), domain_minibatches(num_domains=3)
+    grads = per_domain_gradients(per_domain_losses(net, batches), list(net.parameters()))
+    flat = [torch.cat([t.flatten() for t in g]) for g in grads]
+    cosines = [torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0) for i, j in ((0, 1), (0, 2), (1, 2))]
+    gip, cosine = alignment(net, batches)
+    assert gip == pytest.approx(brute_force_gip(grads).item())
+    assert cosine == pytest.approx(torch.stack(cosines).mean().item())
+    assert alignment(net, [batches[0]] * 3)[1] == pytest.approx(1.0)  # identical batches: aligned

@@ -5,6 +5,8 @@ terms, Ĝ is measured afterwards, the same way for every algorithm, on each
 checkpoint that DomainBed saved (``--save_model_every_checkpoint``): the
 per-domain gradients of the cross-entropy on fixed probe minibatches, one per
 training domain, and Ĝ = 2/(S(S−1)) Σ_{i<j} G_i·G_j (Shi et al., ICLR 2022, §3.1).
+Beside Ĝ, which also grows and shrinks with the size of the gradients, the trace holds
+the mean pairwise cosine of the G_i: the alignment alone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from domainbed_fish.gradients import gradient_inner_product
+from domainbed_fish.gradients import mean_pairwise_inner_product, per_domain_gradients, per_domain_losses
 from domainbed_fish.locate import import_domainbed
 
 TRACE_FILE = "gip_trace.json"
@@ -48,8 +50,20 @@ def _network(checkpoint: dict) -> torch.nn.Module:
     return algorithm.network
 
 
-def measure_trace(run: Path, probe_per_domain: int = 64) -> list[tuple[int, float]]:
-    """``[(step, Ĝ), …]`` of every ``model_step*.pkl`` in ``run``, cached in ``gip_trace.json``."""
+def alignment(network: torch.nn.Module, minibatches) -> tuple[float, float]:
+    """(Ĝ, mean pairwise cosine of the per-domain gradients) at the network's weights."""
+    params = [p for p in network.parameters() if p.requires_grad]
+    grads = per_domain_gradients(per_domain_losses(network, minibatches), params)
+    with torch.no_grad():
+        gip = mean_pairwise_inner_product(grads)
+        norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for g in grads]
+        unit = [[t / n.clamp_min(1e-30) for t in g] for g, n in zip(grads, norms, strict=True)]
+        cosine = mean_pairwise_inner_product(unit)
+    return float(gip), float(cosine)
+
+
+def measure_trace(run: Path, probe_per_domain: int = 64) -> list[tuple[int, float, float]]:
+    """``[(step, Ĝ, cosine), …]`` of every ``model_step*.pkl`` in ``run``, cached in ``gip_trace.json``."""
     cache = run / TRACE_FILE
     if cache.exists():
         return [tuple(pair) for pair in json.loads(cache.read_text())]
@@ -64,6 +78,6 @@ def measure_trace(run: Path, probe_per_domain: int = 64) -> list[tuple[int, floa
             batches = probe_minibatches(args["dataset"], checkpoint["model_hparams"], args["test_envs"][0],
                                         probe_per_domain)
         network = _network(checkpoint)
-        trace.append((step, float(gradient_inner_product(network, batches))))
+        trace.append((step, *alignment(network, batches)))
     cache.write_text(json.dumps(trace))
     return trace

@@ -98,6 +98,7 @@ TOY_RUNS = (
     ToyRun("IDGM"),
     ToyRun("IDGM", {"idgm_gamma": 0.0}, label="control: ERM with IDGM's SGD step (γ = 0)"),
     ToyRun("Fish", {"meta_lr": 0.5}, label="control: Fish with ε = 0.5"),
+    ToyRun("IDGM", {"idgm_optimizer": "adam", "lr": 0.01}, label="control: IDGM with ERM's Adam, lr 0.01"),
 )
 
 

@@ -136,15 +136,20 @@ class Preset:
                     TrainJob(f"CdSprites{n}", algorithm, seed, n, self.steps, self.checkpoint_freq, hparams, trace)
                     for seed in range(self.seeds)
                 ]
-        return sorted(jobs, key=lambda job: (_priority(job), -job.cost))
+        return sorted(jobs, key=lambda job: (_priority(job), -job.cost, job.seed))
 
 
 def _priority(job: TrainJob) -> int:
+    """Order of the headline findings, so an interrupted run has the ones that matter:
+    the toy; Fish, ERM and IDGM at N = 15; Fish at the smallest and largest N; the rest."""
     if job.dataset == "LinearToy":
         return 0
-    if job.dataset == f"CdSprites{GIP_TRACE_N}":
-        return 1
-    return 2 if job.algorithm == "Fish" else 3
+    n = int(job.dataset.removeprefix("CdSprites"))
+    if n == GIP_TRACE_N and job.algorithm in ("Fish", "ERM", "IDGM"):
+        return 1 + ("Fish", "ERM", "IDGM").index(job.algorithm)
+    if job.algorithm == "Fish":
+        return 4
+    return 5 if n == GIP_TRACE_N else 6
 
 
 ALGORITHMS = ("ERM", "CORAL", "Fish", "IDGM")

@@ -184,8 +184,7 @@ def test_two_concurrent_launches_never_train_a_job_twice(shared_sweep):
     out, _, outputs = shared_sweep
     dirs = _done_dirs(out)
     assert len(dirs) == 6
-    trained = [line.split(": ", 1)[1] for text in outputs for line in text.splitlines()
-               if line.startswith(TRAINING + ":")]
+    trained = [path for text in outputs for path in re.findall(re.escape(TRAINING) + r": (\S+)", text)]
     assert sorted(trained) == sorted(str(d) for d in dirs)  # each job trained exactly once
     for d in dirs:  # steps 0, 2, 4: a second concurrent run would have appended more lines
         assert [r["step"] for r in read_jsonl(d / "results.jsonl")] == [0, 2, 4]

@@ -350,7 +350,7 @@ def test_local_parallel_uses_this_interpreter_and_splits_threads(tmp_path, monke
 def test_killed_job_is_incomplete_and_relaunch_finishes_it(tmp_path):
     out, data = tmp_path / "out", tmp_path
     args = ["--datasets", "Debug28", "--algorithms", "ERM", "--n_hparams", "1", "--n_trials", "1",
-            "--steps", "300", "--checkpoint_freq", "100", "--selection", "training", "--test_envs", "0", "1",
+            "--steps", "30", "--checkpoint_freq", "10", "--selection", "training", "--test_envs", "0", "1",
             "--hparams", '{"batch_size": 8}', "--skip_confirmation", "--output_dir", str(out),
             "--data_dir", str(data), "--workers", "1", "--seed", "0"]
     launch = subprocess.Popen([PYTHON, "-m", "domainbed_fish.sweep", "launch", *args], stdout=subprocess.PIPE,
@@ -379,7 +379,7 @@ def test_killed_job_is_incomplete_and_relaunch_finishes_it(tmp_path):
     assert "About to launch 1 jobs (1 interrupted ones are cleared and trained again)." in proc.stdout
     assert "2 jobs: 2 done, 0 running, 0 incomplete, 0 not launched." in proc.stdout
     assert (finished / "results.jsonl").read_bytes() == finished_results  # untouched
-    assert [r["step"] for r in read_jsonl(victim / "results.jsonl")] == [0, 100, 200, 299]
+    assert [r["step"] for r in read_jsonl(victim / "results.jsonl")] == [0, 10, 20, 29]
     with warnings.catch_warnings():
         warnings.simplefilter("error", MalformedResultsWarning)
         from domainbed_fish.report import write_report

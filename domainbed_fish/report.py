@@ -50,6 +50,7 @@ class Cell:
 
     @property
     def empty(self) -> bool:
+        """Whether no trial has a value."""
         return not self.trials
 
     def stats(self) -> tuple[float, float]:
@@ -58,6 +59,7 @@ class Cell:
         return 100 * mean, 100 * se
 
     def text(self, pm: str = "±", missing: str = "—") -> str:
+        """``"mean ± se"`` in percent with one decimal, or ``missing``."""
         if self.empty:
             return missing
         mean, se = self.stats()

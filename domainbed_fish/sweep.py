@@ -79,6 +79,7 @@ class SweepJob:
         return f"{shlex.quote(sys.executable)} -m domainbed_fish.run_job" + self.job.command_str[len(_TRAIN):]
 
     def describe(self) -> str:
+        """One line: state, directory name, dataset, algorithm, test envs, seeds."""
         a = self.job.train_args
         return (f"{self.state:>12}  {self.name}  {a['dataset']} {a['algorithm']} test_envs={a['test_envs']} "
                 f"hparams_seed={a['hparams_seed']} trial_seed={a['trial_seed']}")
@@ -263,12 +264,7 @@ def make_jobs(config: SweepConfig) -> list[SweepJob]:
     _check_names(config)
     sweep = import_domainbed("scripts.sweep")
     datasets = import_domainbed("datasets")
-    args_list = sweep.make_args_list(
-        n_trials=config.n_trials, dataset_names=config.datasets, algorithms=config.algorithms,
-        n_hparams_from=config.n_hparams_from, n_hparams=config.n_hparams, steps=config.steps,
-        data_dir=config.data_dir, task=config.task, holdout_fraction=config.holdout_fraction,
-        single_test_envs=not needs_pairs(config.selection), hparams=config.hparams,
-    )
+    # First, so bad --test_envs or loo on a 2-domain dataset get our message, not an assert.
     wanted: dict[str, list[list[int]]] = {}
     for dataset in config.datasets:
         try:
@@ -276,6 +272,12 @@ def make_jobs(config: SweepConfig) -> list[SweepJob]:
                                                  config.test_envs)
         except ValueError as exc:
             raise SystemExit(f"error: {dataset}: {exc}") from None
+    args_list = sweep.make_args_list(
+        n_trials=config.n_trials, dataset_names=config.datasets, algorithms=config.algorithms,
+        n_hparams_from=config.n_hparams_from, n_hparams=config.n_hparams, steps=config.steps,
+        data_dir=config.data_dir, task=config.task, holdout_fraction=config.holdout_fraction,
+        single_test_envs=not needs_pairs(config.selection), hparams=config.hparams,
+    )
     jobs = []
     for train_args in args_list:
         if train_args["test_envs"] not in wanted[train_args["dataset"]]:

@@ -387,3 +387,39 @@ def test_killed_job_is_incomplete_and_relaunch_finishes_it(tmp_path):
         result = write_report(out, selection=["training"], plots=False, progress=False)
     (table,) = result.tables
     assert table.env_ids == [0, 1] and all(len(table.cells["ERM"][e].trials) == 1 for e in (0, 1))
+
+
+def test_submitit_settings_come_from_options_or_environment(monkeypatch):
+    from domainbed_fish.launchers import SubmititOptions
+
+    for var, value in [("SLURM_PARTITION", "gpu"), ("SLURM_TIME", "720"), ("SLURM_GPUS", "1"), ("SLURM_CPUS", "8"),
+                       ("SLURM_MEM_GB", "32"), ("SLURM_ARRAY_PARALLELISM", "16"), ("SUBMITIT_FOLDER", "/x/logs"),
+                       ("SLURM_MAX_REQUEUE", "5")]:
+        monkeypatch.setenv(f"DOMAINBED_FISH_{var}", value)
+    opts = SubmititOptions.from_env(partition="long", array_parallelism=None)
+    assert opts.folder == "/x/logs" and opts.wait
+    assert opts.executor_parameters() == {
+        "name": "domainbed_fish", "stderr_to_stdout": False, "timeout_min": 720, "gpus_per_node": 1,
+        "cpus_per_task": 8, "mem_gb": 32, "slurm_partition": "long", "slurm_array_parallelism": 16,
+        "slurm_max_num_timeout": 5}
+    monkeypatch.setenv("DOMAINBED_FISH_SLURM_GPUS", "one")
+    with pytest.raises(ValueError, match="DOMAINBED_FISH_SLURM_GPUS='one' must be an integer"):
+        SubmititOptions.from_env()
+
+
+def test_submitit_jobs_requeue_themselves_on_preemption():
+    submitit = pytest.importorskip("submitit")
+    import pickle
+
+    from domainbed_fish import launchers
+
+    cls = launchers.CheckpointableTrainCommand
+    job = cls()
+    assert isinstance(job, submitit.helpers.Checkpointable)
+    resubmission = job.checkpoint("python -m domainbed_fish.run_job --output_dir x")
+    assert isinstance(resubmission, submitit.helpers.DelayedSubmission)
+    assert resubmission.function is job and resubmission.args == ("python -m domainbed_fish.run_job --output_dir x",)
+    assert type(pickle.loads(pickle.dumps(job))) is cls  # what submitit sends to the cluster
+    assert job("exit 0") == 0
+    with pytest.raises(RuntimeError, match="exit status 4"):
+        job("exit 4")

@@ -296,10 +296,13 @@ def plot_accuracy(path: Path, tables: list[Table]) -> Path | None:
     if not selections:
         return None
     fig, axes = plt.subplots(1, len(selections), figsize=(5 * len(selections), 3.8), squeeze=False)
+    every = list(dict.fromkeys(a for t in tables for a in t.algorithms))
+    colors = {a: f"C{i % 10}" for i, a in enumerate(every)}  # one colour per algorithm in every panel
     for ax, sel in zip(axes[0], selections, strict=True):
         mine = [t for t in tables if t.selection == sel]
         algs = list(dict.fromkeys(a for t in mine for a in t.algorithms))
         width = 0.8 / max(1, len(algs))
+        drawn = False
         for i, a in enumerate(algs):
             xs, ms, ss = [], [], []
             for j, t in enumerate(mine):
@@ -308,11 +311,19 @@ def plot_accuracy(path: Path, tables: list[Table]) -> Path | None:
                     xs.append(j + (i - (len(algs) - 1) / 2) * width)
                     ms.append(m)
                     ss.append(s)
-            ax.bar(xs, ms, width, yerr=ss, capsize=3, label=a)
+            if xs:
+                ax.bar(xs, ms, width, yerr=ss, capsize=3, label=a, color=colors[a])
+                drawn = True
         ax.set_xticks(range(len(mine)), [t.dataset for t in mine])
+        ax.set_xlim(-0.5, len(mine) - 0.5)
+        ax.set_ylim(0, 100)
         ax.set_title(_SHORT_TITLES[sel])
-        ax.set_ylabel("held-out accuracy (%)")
-        ax.legend(fontsize="small")
+        ax.set_ylabel("held-out accuracy (%), mean ± SE")
+        if drawn:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no results yet\n(see Missing in report.md)", ha="center", va="center",
+                    transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

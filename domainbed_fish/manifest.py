@@ -54,10 +54,12 @@ def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def write_manifest(output_dir: str | os.PathLike, jobs: dict[str, dict], options: dict[str, Any]) -> Path:
+def write_manifest(output_dir: str | os.PathLike, jobs: dict[str, dict], options: dict[str, Any],
+                   argv: list[str] | None = None) -> Path:
     """Record a launch in ``output_dir``'s manifest (merged with earlier launches).
 
-    ``jobs``: job directory name -> DomainBed ``train`` arguments.  Safe against
+    ``jobs``: job directory name -> DomainBed ``train`` arguments; ``argv``: the command
+    line (default ``sys.argv``).  Safe against
     concurrent launches (an exclusive lock around read-modify-write, atomic replace).
     """
     import torch
@@ -80,7 +82,7 @@ def write_manifest(output_dir: str | os.PathLike, jobs: dict[str, dict], options
         manifest["launches"].append(
             {
                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "argv": list(sys.argv),
+                "argv": list(sys.argv if argv is None else argv),
                 "options": options,
                 "n_jobs": len(jobs),
             }

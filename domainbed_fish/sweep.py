@@ -358,7 +358,7 @@ def _confirm(args: argparse.Namespace, question: str) -> bool:
     return answer.strip().lower().startswith("y")
 
 
-def launch(config: SweepConfig, args: argparse.Namespace) -> int:
+def launch(config: SweepConfig, args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Train every job that is not done and not running elsewhere."""
     import numpy as np
 
@@ -377,7 +377,7 @@ def launch(config: SweepConfig, args: argparse.Namespace) -> int:
         return 0
     launcher = _launcher(config, args)
     write_manifest(config.output_dir, {j.name: j.job.train_args for j in jobs},
-                   {k: v for k, v in vars(config).items()})
+                   dict(vars(config)), argv)
     order = np.random.RandomState(config.seed).permutation(len(to_run))  # as DomainBed, shuffled
     launcher([to_run[i].command for i in order])
     after = make_jobs(config)
@@ -450,6 +450,7 @@ def delete_incomplete(jobs: Sequence[SweepJob], args: argparse.Namespace) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m sweeps`` / ``domainbed-fish-sweep``."""
     args = build_parser().parse_args(argv)
+    command_line = ["python -m sweeps", *(sys.argv[1:] if argv is None else argv)]
     if args.command == "report":
         from domainbed_fish.report import write_report
 
@@ -469,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         config = resolve(args)
         if args.command == "launch":
-            return launch(config, args)
+            return launch(config, args, command_line)
         if args.command == "dry_run":
             return dry_run(config)
         jobs = make_jobs(config)

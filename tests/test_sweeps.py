@@ -24,6 +24,17 @@ from domainbed_fish.results import MalformedResultsWarning, read_jsonl
 from domainbed_fish.run_job import TRAINING
 from domainbed_fish.selection import parse_selection, required_test_envs
 
+
+def sweep_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """``python -m sweeps ARGV`` in this process (DomainBed is imported once): status, out, err."""
+    from domainbed_fish.sweep import main
+
+    capsys.readouterr()
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 # ----------------------------------------------------------------------------- selection filter
 
 
@@ -82,29 +93,32 @@ def test_sweep_launches_exactly_the_jobs_a_selection_needs(domainbed, tmp_path, 
 
 
 @requires_domainbed
-def test_bad_sweep_options_say_what_to_do(tmp_path):
-    proc = run_sweep("dry_run", "--datasets", "Debug28", "--output_dir", str(tmp_path), "--data_dir", str(tmp_path),
-                     "--single_test_envs", "--selection", "loo")
-    assert proc.returncode != 0
-    assert "drop --single_test_envs" in proc.stderr
-    proc = run_sweep("dry_run", "--datasets", "NoSuchData", "--output_dir", str(tmp_path), "--data_dir", "x")
-    assert "unknown dataset(s) ['NoSuchData']" in proc.stderr and "Debug28" in proc.stderr
-    proc = run_sweep("dry_run", "--preset", "nope", "--output_dir", str(tmp_path))
-    assert "unknown preset 'nope'" in proc.stderr and "cpu_quick" in proc.stderr
+def test_bad_sweep_options_say_what_to_do(domainbed, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="drop --single_test_envs"):
+        sweep_main(capsys, "dry_run", "--datasets", "Debug28", "--output_dir", str(tmp_path), "--data_dir",
+                   str(tmp_path), "--single_test_envs", "--selection", "loo")
+    with pytest.raises(SystemExit, match=r"unknown dataset\(s\) \['NoSuchData'\]; available: .*Debug28"):
+        sweep_main(capsys, "dry_run", "--datasets", "NoSuchData", "--output_dir", str(tmp_path), "--data_dir", "x")
+    with pytest.raises(ValueError, match="unknown preset 'nope'; available presets: cpu_quick, paper_domainbed"):
+        sweep_main(capsys, "dry_run", "--preset", "nope", "--output_dir", str(tmp_path))
+    with pytest.raises(SystemExit, match="--data_dir is required"):
+        sweep_main(capsys, "dry_run", "--datasets", "PACS", "--output_dir", str(tmp_path))
+    # a separate process: the command line's own error path
+    proc = run_sweep("status", "--output_dir", str(tmp_path / "none"))
+    assert proc.returncode != 0 and "has no sweep_manifest.json; give the sweep's options" in proc.stderr
 
 
 @requires_domainbed
-def test_presets_dry_run(tmp_path):
-    proc = run_sweep("dry_run", "--preset", "paper_domainbed", "--data_dir", str(tmp_path),
-                     "--output_dir", str(tmp_path / "p"))
-    assert proc.returncode == 0, proc.stderr
+def test_presets_dry_run(domainbed, tmp_path, capsys):
+    _, out, _ = sweep_main(capsys, "dry_run", "--preset", "paper_domainbed", "--data_dir", str(tmp_path),
+                           "--output_dir", str(tmp_path / "p"))
     # 4 algorithms, 20 hparams, 3 trials; test-env sets: VLCS/PACS/OfficeHome/TerraIncognita
     # 4+6 = 10 each, DomainNet and RotatedMNIST 6+15 = 21, ColoredMNIST 3+3 = 6.
-    assert "21120 jobs: 0 done" in proc.stdout
-    assert '\'{"freeze_bn": true, "resnet50_augmix": false}\'' in proc.stdout
-    proc = run_sweep("dry_run", "--preset", "cpu_quick", "--output_dir", str(tmp_path / "q"))
-    assert proc.returncode == 0, proc.stderr
-    assert "48 jobs: 0 done" in proc.stdout
+    assert "21120 jobs: 0 done" in out
+    assert '\'{"freeze_bn": true, "resnet50_augmix": false}\'' in out
+    _, out, _ = sweep_main(capsys, "dry_run", "--preset", "cpu_quick", "--output_dir", str(tmp_path / "q"))
+    assert "48 jobs: 0 done" in out
+    assert "Estimate: 2 algorithms × test env sets [6 (Debug28)] × 2 hparams × 2 trials = 48 jobs" in out
 
 
 # ----------------------------------------------------------------------------- locks
@@ -191,11 +205,10 @@ def test_two_concurrent_launches_never_train_a_job_twice(shared_sweep):
 
 
 @requires_domainbed
-def test_sweep_status_and_manifest(shared_sweep):
+def test_sweep_status_and_manifest(shared_sweep, capsys):
     out, _, _ = shared_sweep
-    proc = run_sweep("status", "--output_dir", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert "6 jobs: 6 done, 0 running, 0 incomplete, 0 not launched." in proc.stdout
+    _, text, _ = sweep_main(capsys, "status", "--output_dir", str(out))
+    assert "6 jobs: 6 done, 0 running, 0 incomplete, 0 not launched." in text
     manifest = json.loads((out / "sweep_manifest.json").read_text())
     import torch
 
@@ -207,7 +220,7 @@ def test_sweep_status_and_manifest(shared_sweep):
     assert "commit" in manifest["domainbed"]
     assert len(manifest["jobs"]) == 6 and {p.name for p in _done_dirs(out)} == set(manifest["jobs"])
     assert {a["algorithm"] for a in manifest["jobs"].values()} == {"ERM", "Fish"}
-    assert len(manifest["launches"]) == 2 and manifest["launches"][0]["argv"][1] == "launch"
+    assert len(manifest["launches"]) == 2 and manifest["launches"][0]["argv"][:2] == ["python -m sweeps", "launch"]
 
 
 @requires_domainbed
@@ -272,7 +285,7 @@ def test_report_of_the_shared_sweep(shared_sweep, tmp_path):
 
 
 @requires_domainbed
-def test_report_cli_on_a_partial_sweep_says_what_is_missing(shared_sweep, tmp_path):
+def test_report_cli_on_a_partial_sweep_says_what_is_missing(shared_sweep, tmp_path, capsys):
     import shutil
 
     out, _, _ = shared_sweep
@@ -281,12 +294,11 @@ def test_report_cli_on_a_partial_sweep_says_what_is_missing(shared_sweep, tmp_pa
     manifest = json.loads((partial / "sweep_manifest.json").read_text())
     pair = next(n for n, a in manifest["jobs"].items() if a["algorithm"] == "Fish" and a["test_envs"] == [0, 1])
     shutil.rmtree(partial / pair)
-    proc = run_sweep("report", "--input_dir", str(partial), "--no_plots")
-    assert proc.returncode == 0, proc.stderr
-    assert f"1 of 6 jobs not launched: Debug28 Fish test_envs=[0, 1] hparams_seed=0 trial=0 ({pair})" in proc.stdout
-    assert "Debug28, leave-one-domain-out: no result for Fish on 0" in proc.stdout
-    assert "| Fish | — | — | — |" in proc.stdout  # LOO row; training/oracle rows still there
-    assert "reading results" in proc.stderr  # progress bar
+    _, out, err = sweep_main(capsys, "report", "--input_dir", str(partial), "--no_plots")
+    assert f"1 of 6 jobs not launched: Debug28 Fish test_envs=[0, 1] hparams_seed=0 trial=0 ({pair})" in out
+    assert "Debug28, leave-one-domain-out: no result for Fish on 0" in out
+    assert "| Fish | — | — | — |" in out  # LOO row; training/oracle rows still there
+    assert "reading results" in err  # progress bar
 
 
 @requires_domainbed
@@ -309,19 +321,20 @@ def test_collect_results_lists_the_plugins_datasets(tmp_path):
 
 
 @requires_domainbed
-def test_submitit_local_executor_end_to_end(tmp_path):
+def test_submitit_local_executor_end_to_end(domainbed, tmp_path, capsys, monkeypatch):
+    for key, value in sweep_env().items():  # the jobs' processes inherit this environment
+        monkeypatch.setenv(key, value)
     out = tmp_path / "out"
-    proc = run_sweep("launch", *SWEEP_ARGS, "--selection", "training", "--output_dir", str(out),
-                     "--data_dir", str(tmp_path), "--command_launcher", "submitit",
-                     "--submitit_cluster", "local", "--submitit_folder", str(tmp_path / "logs"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "submitit (local): submitted 2 jobs" in proc.stderr
-    assert "2 jobs: 2 done, 0 running, 0 incomplete, 0 not launched." in proc.stdout
-    assert list((tmp_path / "logs").glob("*_result.pkl"))
-    proc = run_sweep("report", "--input_dir", str(out), "--selection", "training", "--no_plots")
-    assert proc.returncode == 0, proc.stderr
-    assert re.search(r"^\| Fish \| \d+\.\d ± 0\.0 \|", proc.stdout, re.M)
-    assert re.search(r"^\| ERM \| \d+\.\d ± 0\.0 \| \d+\.\d ± 0\.0 \| \+0\.0 \|", proc.stdout, re.M)
+    status, text, err = sweep_main(capsys, "launch", *SWEEP_ARGS, "--selection", "training", "--output_dir",
+                                   str(out), "--data_dir", str(tmp_path), "--command_launcher", "submitit",
+                                   "--submitit_cluster", "local", "--submitit_folder", str(tmp_path / "logs"))
+    assert status == 0, text[-2000:] + err[-3000:]
+    assert "submitit (local): submitted 2 jobs" in err
+    assert "2 jobs: 2 done, 0 running, 0 incomplete, 0 not launched." in text
+    assert len(list((tmp_path / "logs").glob("*_result.pkl"))) == 2
+    _, text, _ = sweep_main(capsys, "report", "--input_dir", str(out), "--selection", "training", "--no_plots")
+    assert re.search(r"^\| Fish \| \d+\.\d ± 0\.0 \|", text, re.M)
+    assert re.search(r"^\| ERM \| \d+\.\d ± 0\.0 \| \d+\.\d ± 0\.0 \| \+0\.0 \|", text, re.M)
 
 
 def test_launchers_are_registered_into_domainbed(domainbed):
@@ -347,7 +360,7 @@ def test_local_parallel_uses_this_interpreter_and_splits_threads(tmp_path, monke
 
 
 @requires_domainbed
-def test_killed_job_is_incomplete_and_relaunch_finishes_it(tmp_path):
+def test_killed_job_is_incomplete_and_relaunch_finishes_it(domainbed, tmp_path, capsys, monkeypatch):
     out, data = tmp_path / "out", tmp_path
     args = ["--datasets", "Debug28", "--algorithms", "ERM", "--n_hparams", "1", "--n_trials", "1",
             "--steps", "30", "--checkpoint_freq", "10", "--selection", "training", "--test_envs", "0", "1",
@@ -370,14 +383,16 @@ def test_killed_job_is_incomplete_and_relaunch_finishes_it(tmp_path):
     (finished,) = _done_dirs(out)
     finished_results = (finished / "results.jsonl").read_bytes()
 
-    proc = run_sweep("status", "--output_dir", str(out), "--list")
-    assert "2 jobs: 1 done, 0 running, 1 incomplete, 0 not launched." in proc.stdout
-    assert re.search(rf"incomplete  {victim.name}  Debug28 ERM test_envs=\[\d\]", proc.stdout)
+    _, text, _ = sweep_main(capsys, "status", "--output_dir", str(out), "--list")
+    assert "2 jobs: 1 done, 0 running, 1 incomplete, 0 not launched." in text
+    assert re.search(rf"incomplete  {victim.name}  Debug28 ERM test_envs=\[\d\]", text)
 
-    proc = run_sweep("launch", *args)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "About to launch 1 jobs (1 interrupted ones are cleared and trained again)." in proc.stdout
-    assert "2 jobs: 2 done, 0 running, 0 incomplete, 0 not launched." in proc.stdout
+    for key, value in sweep_env().items():
+        monkeypatch.setenv(key, value)
+    status, text, err = sweep_main(capsys, "launch", *args)
+    assert status == 0, text[-2000:] + err[-2000:]
+    assert "About to launch 1 jobs (1 interrupted ones are cleared and trained again)." in text
+    assert "2 jobs: 2 done, 0 running, 0 incomplete, 0 not launched." in text
     assert (finished / "results.jsonl").read_bytes() == finished_results  # untouched
     assert [r["step"] for r in read_jsonl(victim / "results.jsonl")] == [0, 10, 20, 29]
     with warnings.catch_warnings():
@@ -423,3 +438,33 @@ def test_submitit_jobs_requeue_themselves_on_preemption():
     assert job("exit 0") == 0
     with pytest.raises(RuntimeError, match="exit status 4"):
         job("exit 4")
+
+
+@requires_domainbed
+def test_status_and_delete_incomplete_spare_running_and_done_jobs(domainbed, tmp_path, capsys):
+    from domainbed_fish import sweep
+
+    argv = ["--datasets", "Debug28", "--algorithms", "ERM", "--n_hparams", "1", "--n_trials", "1",
+            "--selection", "training", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+            "--skip_confirmation"]
+    jobs = sweep.make_jobs(sweep.resolve(sweep.build_parser().parse_args(["status", *argv])))
+    done, running, incomplete = (Path(j.job.output_dir) for j in jobs)
+    for d in (done, running, incomplete):
+        d.mkdir(parents=True)
+    (done / "done").write_text("done")
+    (incomplete / "results.jsonl").write_text("")
+    holder = subprocess.Popen(
+        [PYTHON, "-c", "import time; from domainbed_fish.lockfile import JobLock; "
+         f"assert JobLock({str(running)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=sweep_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        _, text, _ = sweep_main(capsys, "status", *argv, "--list")
+        assert "3 jobs: 1 done, 1 running, 1 incomplete, 0 not launched." in text
+        assert re.search(rf"running  {running.name}  Debug28 ERM", text)
+        _, text, _ = sweep_main(capsys, "delete_incomplete", *argv)
+        assert "Deleted 1 jobs!" in text
+        assert done.exists() and running.exists() and not incomplete.exists()
+    finally:
+        holder.kill()
+        holder.wait()

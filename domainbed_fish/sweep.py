@@ -121,7 +121,7 @@ def _sweep_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint_freq", type=int, help="steps between evaluations (default: the dataset's)")
     parser.add_argument("--workers", type=int, help="local_parallel CPU workers (default: DOMAINBED_FISH_WORKERS "
                                                      "or one per core)")
-    parser.add_argument("--submitit_folder")
+    parser.add_argument("--submitit_folder", help="logs and pickles (default: OUTPUT_DIR/submitit_logs)")
     parser.add_argument("--submitit_cluster", choices=["slurm", "local", "debug"])
     parser.add_argument("--submitit_partition")
     parser.add_argument("--submitit_time", type=int, help="minutes per job")
@@ -332,6 +332,7 @@ def breakdown(jobs: Sequence[SweepJob]) -> str:
 
 def _launcher(config: SweepConfig, args: argparse.Namespace):
     import functools
+    import os
 
     from domainbed_fish.launchers import local_parallel, submitit_launcher
     from domainbed_fish.locate import import_domainbed
@@ -344,6 +345,8 @@ def _launcher(config: SweepConfig, args: argparse.Namespace):
                    if k.startswith("submitit_") and k != "submitit_no_wait"}
         if args.submitit_no_wait:
             options["wait"] = False
+        if options["folder"] is None and not os.environ.get("DOMAINBED_FISH_SUBMITIT_FOLDER"):
+            options["folder"] = str(Path(config.output_dir) / "submitit_logs")  # next to the jobs
         return functools.partial(submitit_launcher, **options)
     registry = import_domainbed("command_launchers").REGISTRY
     if name not in registry:

@@ -452,6 +452,15 @@ def delete_incomplete(jobs: Sequence[SweepJob], args: argparse.Namespace) -> int
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m sweeps`` / ``domainbed-fish-sweep``."""
+    from domainbed_fish.locate import DomainBedNotFoundError
+
+    try:
+        return _main(argv)
+    except DomainBedNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     command_line = ["python -m sweeps", *(sys.argv[1:] if argv is None else argv)]
     if args.command == "report":

@@ -468,3 +468,14 @@ def test_status_and_delete_incomplete_spare_running_and_done_jobs(domainbed, tmp
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_sweep_without_domainbed_says_how_to_get_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DOMAINBED_DIR", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([PYTHON, "-m", "domainbed_fish.sweep", "dry_run", "--datasets", "PACS", "--data_dir", "x",
+                           "--output_dir", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("DomainBed is importable without DOMAINBED_DIR here")
+    assert proc.stderr.startswith("error: DomainBed was not found.") and "DOMAINBED_DIR" in proc.stderr

@@ -48,11 +48,16 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["domainbed_fish", "domainbed_fish.*"]),
-    install_requires=["torch>=2.1", "torchvision", "numpy"],
+    package_data={"domainbed_fish": ["presets/*.json"]},
+    install_requires=["torch>=2.1", "torchvision", "numpy", "tqdm"],
     extras_require={
         # DomainBed's own requirements (DomainBed itself is cloned, see README).
         "domainbed": ["wilds", "timm", "tqdm", "parameterized"],
-        "test": ["pytest", "parameterized", "ruff"],
+        # Slurm through submitit (the `submitit` launcher); plots of the sweep report.
+        "cluster": ["submitit"],
+        "plots": ["matplotlib"],
+        "test": ["pytest", "parameterized", "ruff", "submitit", "matplotlib"],
     },
+    entry_points={"console_scripts": ["domainbed-fish-sweep=domainbed_fish.sweep:main"]},
     cmdclass={"build_py": build_py_with_pth},
 )

@@ -57,7 +57,10 @@ DATASET_HPARAMS: dict[str, dict[str, tuple[HParam, ...]]] = {
 }
 
 #: Launchers registered into ``domainbed.command_launchers.REGISTRY``.
-LAUNCHERS: dict[str, str] = {}
+LAUNCHERS: dict[str, str] = {
+    "local_parallel": "domainbed_fish.launchers:local_parallel",
+    "submitit": "domainbed_fish.launchers:submitit_launcher",
+}
 
 
 def load(target: str):

@@ -113,3 +113,51 @@ def domain_minibatches(
         y = torch.randint(0, classes, (batch,), generator=g)
         out.append((x, y))
     return out
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+#: The small real sweep the sweep tests share: Debug28, ERM and Fish, environment 0
+#: held out, one hparams sample, one trial, 5 steps -- the jobs all three selection
+#: methods need (test envs [0], [0, 1], [0, 2]): 6 jobs.
+SWEEP_ARGS = [
+    "--datasets", "Debug28", "--algorithms", "ERM", "Fish", "--n_hparams", "1", "--n_trials", "1",
+    "--steps", "5", "--checkpoint_freq", "2", "--test_envs", "0", "--skip_confirmation",
+    "--hparams", '{"batch_size": 8, "gip_every": 2, "idgm_penalty_anneal_iters": 2}',
+]
+
+
+def sweep_env(**extra: str) -> dict[str, str]:
+    """``subprocess_env`` with this checkout first on the path (the sweep's own jobs too)."""
+    env = subprocess_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def run_sweep(*args: str, env: dict[str, str] | None = None, timeout: int = 600):
+    """``python -m domainbed_fish.sweep ARGS`` in a subprocess; the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run([PYTHON, "-m", "domainbed_fish.sweep", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or sweep_env(), cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def shared_sweep(tmp_path_factory):
+    """The shared sweep, run by two ``launch`` calls started at once on the same directory
+    (``local_parallel``, one worker each); returns (output_dir, [stdout of each launch])."""
+    import subprocess
+
+    if not HAVE_DOMAINBED:
+        pytest.skip(SKIP_REASON)
+    out = tmp_path_factory.mktemp("shared_sweep")
+    data = tmp_path_factory.mktemp("data")
+    cmd = [PYTHON, "-m", "domainbed_fish.sweep", "launch", *SWEEP_ARGS, "--output_dir", str(out),
+           "--data_dir", str(data), "--command_launcher", "local_parallel", "--workers", "1"]
+    env = sweep_env(DOMAINBED_FISH_VERBOSE="1")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+    return out, data, outputs

@@ -1,0 +1,111 @@
+"""Per-job locks, so two sweeps on one output directory never train the same job at once.
+
+A job holds an exclusive ``flock`` on ``<job dir>/.domainbed_fish.lock`` while it trains.
+The kernel releases the lock when the process ends, however it ends (SIGKILL, node
+failure of a local disk, preemption), so a lock can never go stale; a job directory
+without ``done`` and without a live lock is an interrupted run.
+
+``flock`` works on local disks and on NFSv4 (where Linux emulates it with POSIX locks);
+on other network file systems check that locks are shared between machines before
+running two sweeps on one directory from different hosts.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from pathlib import Path
+
+#: Name of the lock file inside a job's output directory.
+LOCK_NAME = ".domainbed_fish.lock"
+
+
+class JobLock:
+    """An exclusive, non-blocking lock on one job's output directory."""
+
+    def __init__(self, job_dir: str | os.PathLike):
+        self.job_dir = Path(job_dir)
+        self.path = self.job_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._fd is not None
+
+    def acquire(self, patience_s: float = 1.0) -> bool:
+        """Take the lock; ``False`` if another live process holds it.
+
+        ``patience_s``: how long to retry first, because :func:`is_locked` probes by
+        taking the lock for a few microseconds and must not make a launch skip a job.
+        """
+        deadline = time.monotonic() + patience_s
+        while True:
+            self.job_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+                continue
+            # The directory may have been deleted (delete_incomplete) between open and
+            # flock: then we locked an orphaned file and must start over.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self._fd = fd
+            return True
+
+    def release(self) -> None:
+        """Give the lock back (closing the file releases it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> JobLock:
+        if not self.acquire():
+            raise RuntimeError(f"{self.job_dir} is locked by another process (pid {holder_pid(self.job_dir)})")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def is_locked(job_dir: str | os.PathLike) -> bool:
+    """Whether a live process holds ``job_dir``'s lock (i.e. is training that job)."""
+    path = Path(job_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)  # also drops the probe's shared lock
+    return False
+
+
+def holder_pid(job_dir: str | os.PathLike) -> int | None:
+    """The pid written by the last process that took ``job_dir``'s lock, if any."""
+    try:
+        text = (Path(job_dir) / LOCK_NAME).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return int(text) if text.isdigit() else None

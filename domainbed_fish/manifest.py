@@ -1,0 +1,93 @@
+"""``sweep_manifest.json``: what produced a sweep directory.
+
+Written by every ``launch`` (and kept up to date by later ones): the plugin version, the
+DomainBed commit when it can be known (a git checkout; ``DOMAINBED_COMMIT`` otherwise)
+and always a SHA-256 of DomainBed's sources, the torch version, the command line, and
+the full list of jobs (DomainBed ``train`` arguments, by output directory name).
+``status`` and ``report`` read the job list to say what is missing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "sweep_manifest.json"
+
+
+def domainbed_fingerprint() -> dict[str, Any]:
+    """``{"path", "commit", "sources_sha256"}`` of the DomainBed this process imports."""
+    from domainbed_fish.locate import import_domainbed
+
+    package = Path(import_domainbed().__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes())
+    commit = os.environ.get("DOMAINBED_COMMIT") or None
+    if commit is None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(package.parent), "rev-parse", "HEAD"],
+                capture_output=True, text=True, timeout=10, check=False,
+            )
+            commit = out.stdout.strip() or None if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"path": str(package.parent), "commit": commit, "sources_sha256": digest.hexdigest()}
+
+
+def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of ``output_dir``, or ``None`` if there is none."""
+    path = Path(output_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_manifest(output_dir: str | os.PathLike, jobs: dict[str, dict], options: dict[str, Any],
+                   argv: list[str] | None = None) -> Path:
+    """Record a launch in ``output_dir``'s manifest (merged with earlier launches).
+
+    ``jobs``: job directory name -> DomainBed ``train`` arguments; ``argv``: the command
+    line (default ``sys.argv``).  Safe against
+    concurrent launches (an exclusive lock around read-modify-write, atomic replace).
+    """
+    import torch
+
+    import domainbed_fish
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / MANIFEST_NAME
+    with open(output_dir / (MANIFEST_NAME + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = read_manifest(output_dir) or {"jobs": {}, "launches": []}
+        manifest.update(
+            plugin_version=domainbed_fish.__version__,
+            domainbed=domainbed_fingerprint(),
+            torch_version=torch.__version__,
+            python_version=platform.python_version(),
+        )
+        manifest["jobs"].update(jobs)
+        manifest["launches"].append(
+            {
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "argv": list(sys.argv if argv is None else argv),
+                "options": options,
+                "n_jobs": len(jobs),
+            }
+        )
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    return path

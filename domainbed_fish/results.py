@@ -1,0 +1,97 @@
+"""Read a sweep's ``results.jsonl`` files, robustly.
+
+DomainBed's ``reporting.load_records`` stops with a ``JSONDecodeError`` on the first
+truncated line (e.g. a job killed while writing).  Here such a line is skipped with a
+:class:`MalformedResultsWarning` naming the file and the line number, and the rest of
+the file (and sweep) is kept.  By default only finished jobs (``done``) are read, so
+a partly trained run never takes part in model selection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from domainbed_fish.lockfile import is_locked
+
+
+class MalformedResultsWarning(UserWarning):
+    """A line of a ``results.jsonl`` could not be read and was skipped."""
+
+
+@dataclass
+class RunDir:
+    """One job directory of a sweep."""
+
+    path: Path
+    done: bool
+    running: bool
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        """``done``, ``running`` or ``incomplete``."""
+        return "done" if self.done else "running" if self.running else "incomplete"
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of one ``results.jsonl``; unreadable lines are skipped with a warning."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                warnings.warn(f"{path}:{lineno}: malformed results line skipped ({exc.msg})",
+                              MalformedResultsWarning, stacklevel=2)
+                continue
+            if not isinstance(record, dict) or "args" not in record or "step" not in record:
+                warnings.warn(f"{path}:{lineno}: results line without 'args' and 'step' skipped",
+                              MalformedResultsWarning, stacklevel=2)
+                continue
+            records.append(record)
+    return records
+
+
+def scan(input_dir: str | os.PathLike, progress: bool = False) -> list[RunDir]:
+    """Every job directory under ``input_dir`` (those with a ``results.jsonl`` or ``done``)."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {input_dir} does not exist; pass the sweep's --output_dir")
+    subdirs = sorted(p for p in input_dir.iterdir() if p.is_dir())
+    if progress:
+        import tqdm
+
+        subdirs = tqdm.tqdm(subdirs, desc="reading results", unit="run", leave=False)
+    runs = []
+    for sub in subdirs:
+        results = sub / "results.jsonl"
+        done = (sub / "done").exists()
+        if not results.exists() and not done:
+            continue
+        run = RunDir(sub, done=done, running=not done and is_locked(sub))
+        if results.exists():
+            run.records = read_jsonl(results)
+        runs.append(run)
+    return runs
+
+
+def load_records(input_dir: str | os.PathLike, include_incomplete: bool = False, progress: bool = False):
+    """All records of the sweep as DomainBed's ``Q`` (what its selection methods take).
+
+    ``include_incomplete``: also read jobs without ``done`` (as DomainBed does).
+    """
+    from domainbed_fish.locate import import_domainbed
+
+    Q = import_domainbed("lib.query").Q
+    records = []
+    for run in scan(input_dir, progress=progress):
+        if run.done or include_incomplete:
+            records += run.records
+    return Q(records)

@@ -1,0 +1,481 @@
+"""Sweeps: selection filter, locks, launchers, manifest, results reading and the report.
+
+The end-to-end tests train real (tiny) DomainBed jobs on Debug28 on the CPU; most of them
+share one sweep (``shared_sweep`` in conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, REPO, SWEEP_ARGS, requires_domainbed, run_sweep, sweep_env
+
+from domainbed_fish.lockfile import JobLock, holder_pid, is_locked
+from domainbed_fish.results import MalformedResultsWarning, read_jsonl
+from domainbed_fish.run_job import TRAINING
+from domainbed_fish.selection import parse_selection, required_test_envs
+
+
+def sweep_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """``python -m sweeps ARGV`` in this process (DomainBed is imported once): status, out, err."""
+    from domainbed_fish.sweep import main
+
+    capsys.readouterr()
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# ----------------------------------------------------------------------------- selection filter
+
+
+def test_required_test_envs_per_selection_method():
+    assert required_test_envs(3, ["training"]) == [[0], [1], [2]]
+    assert required_test_envs(3, ["oracle"]) == [[0], [1], [2]]
+    assert required_test_envs(3, ["loo"]) == [[0], [0, 1], [0, 2], [1], [1, 2], [2]]
+    assert required_test_envs(3, ["loo"], test_envs=[0]) == [[0], [0, 1], [0, 2]]
+    assert required_test_envs(4, ["training", "loo"], test_envs=[1]) == [[0, 1], [1], [1, 2], [1, 3]]
+    assert required_test_envs(4, ["oracle"], test_envs=[3, 1]) == [[1], [3]]
+
+
+def test_selection_names_and_bad_input():
+    assert parse_selection("all") == ["training", "loo", "oracle"]
+    assert parse_selection("oracle,training") == ["training", "oracle"]
+    with pytest.raises(ValueError, match=r"unknown selection method 'iid'.*training, loo, oracle"):
+        parse_selection("iid")
+    with pytest.raises(ValueError, match="at least 3 environments"):
+        required_test_envs(2, ["loo"])
+    with pytest.raises(ValueError, match=r"--test_envs \[5\]: this dataset has environments 0..2"):
+        required_test_envs(3, ["training"], test_envs=[5])
+
+
+@requires_domainbed
+@pytest.mark.parametrize(
+    "selection, test_envs, expected",
+    [
+        ("training", None, [[0], [1], [2]]),
+        ("oracle", "1", [[1]]),
+        ("loo", "0", [[0], [0, 1], [0, 2]]),
+        ("all", None, [[0], [0, 1], [0, 2], [1], [1, 2], [2]]),
+    ],
+)
+def test_sweep_launches_exactly_the_jobs_a_selection_needs(domainbed, tmp_path, selection, test_envs, expected):
+    from domainbed_fish import sweep
+
+    argv = ["dry_run", "--datasets", "Debug28", "--algorithms", "ERM", "Fish", "--n_hparams", "2",
+            "--n_trials", "2", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+            "--selection", selection] + (["--test_envs", test_envs] if test_envs else [])
+    config = sweep.resolve(sweep.build_parser().parse_args(argv))
+    jobs = sweep.make_jobs(config)
+    got = sorted({(j.job.train_args["algorithm"], tuple(j.job.train_args["test_envs"]),
+                   j.job.train_args["hparams_seed"], j.job.train_args["trial_seed"]) for j in jobs})
+    want = sorted({(a, tuple(e), h, t) for a in ("ERM", "Fish") for e in expected for h in (0, 1) for t in (0, 1)})
+    assert got == want
+    assert len(jobs) == len(want)  # no duplicates
+
+    # Same argument lists, hence the same directories, as DomainBed's own sweep.
+    from domainbed_fish.locate import import_domainbed
+
+    db_sweep = import_domainbed("scripts.sweep")
+    full = db_sweep.make_args_list(2, ["Debug28"], ["ERM", "Fish"], 0, 2, None, str(tmp_path),
+                                   "domain_generalization", 0.2, selection in ("training", "oracle"), None)
+    db_dirs = {db_sweep.Job(a, str(tmp_path / "out")).output_dir for a in full}
+    assert {j.job.output_dir for j in jobs} <= db_dirs
+
+
+@requires_domainbed
+def test_bad_sweep_options_say_what_to_do(domainbed, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="drop --single_test_envs"):
+        sweep_main(capsys, "dry_run", "--datasets", "Debug28", "--output_dir", str(tmp_path), "--data_dir",
+                   str(tmp_path), "--single_test_envs", "--selection", "loo")
+    with pytest.raises(SystemExit, match=r"unknown dataset\(s\) \['NoSuchData'\]; available: .*Debug28"):
+        sweep_main(capsys, "dry_run", "--datasets", "NoSuchData", "--output_dir", str(tmp_path), "--data_dir", "x")
+    with pytest.raises(ValueError, match="unknown preset 'nope'; available presets: cpu_quick, paper_domainbed"):
+        sweep_main(capsys, "dry_run", "--preset", "nope", "--output_dir", str(tmp_path))
+    with pytest.raises(SystemExit, match="--data_dir is required"):
+        sweep_main(capsys, "dry_run", "--datasets", "PACS", "--output_dir", str(tmp_path))
+    # a separate process: the command line's own error path
+    proc = run_sweep("status", "--output_dir", str(tmp_path / "none"))
+    assert proc.returncode != 0 and "has no sweep_manifest.json; give the sweep's options" in proc.stderr
+
+
+@requires_domainbed
+def test_presets_dry_run(domainbed, tmp_path, capsys):
+    _, out, _ = sweep_main(capsys, "dry_run", "--preset", "paper_domainbed", "--data_dir", str(tmp_path),
+                           "--output_dir", str(tmp_path / "p"))
+    # 4 algorithms, 20 hparams, 3 trials; test-env sets: VLCS/PACS/OfficeHome/TerraIncognita
+    # 4+6 = 10 each, DomainNet and RotatedMNIST 6+15 = 21, ColoredMNIST 3+3 = 6.
+    assert "21120 jobs: 0 done" in out
+    assert '\'{"freeze_bn": true, "resnet50_augmix": false}\'' in out
+    _, out, _ = sweep_main(capsys, "dry_run", "--preset", "cpu_quick", "--output_dir", str(tmp_path / "q"))
+    assert "48 jobs: 0 done" in out
+    assert "Estimate: 2 algorithms × test env sets [6 (Debug28)] × 2 hparams × 2 trials = 48 jobs" in out
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+def test_job_lock_is_exclusive_and_dies_with_its_process(tmp_path):
+    job = tmp_path / "job"
+    holder = subprocess.Popen(
+        [PYTHON, "-c", "import sys, time; from domainbed_fish.lockfile import JobLock; "
+         f"assert JobLock({str(job)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=sweep_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert is_locked(job)
+        assert holder_pid(job) == holder.pid
+        assert not JobLock(job).acquire(patience_s=0.2)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not is_locked(job)
+    lock = JobLock(job)
+    assert lock.acquire(patience_s=0)
+    assert holder_pid(job) == os.getpid()
+    lock.release()
+
+
+# ----------------------------------------------------------------------------- results files
+
+
+def _record(dataset, algorithm, test_envs, step, accs, trial=0, hseed=0):
+    rec = {"args": {"dataset": dataset, "algorithm": algorithm, "test_envs": test_envs, "trial_seed": trial,
+                    "hparams_seed": hseed, "holdout_fraction": 0.2},
+           "hparams": {"lr": 0.001}, "step": step}
+    for i, (a_in, a_out) in enumerate(accs):
+        rec[f"env{i}_in_acc"], rec[f"env{i}_out_acc"] = a_in, a_out
+    return rec
+
+
+def test_malformed_results_line_is_skipped_with_file_and_line(tmp_path):
+    path = tmp_path / "run" / "results.jsonl"
+    path.parent.mkdir()
+    good = [_record("Debug28", "ERM", [0], s, [(0.5, 0.5)] * 3) for s in (0, 2)]
+    text = json.dumps(good[0]) + "\n" + '{"args": {"dataset": "Deb' + "\n" + json.dumps(good[1]) + "\n"
+    path.write_text(text)
+    with pytest.warns(MalformedResultsWarning, match=re.escape(f"{path}:2: malformed results line skipped")):
+        records = read_jsonl(path)
+    assert [r["step"] for r in records] == [0, 2]
+
+
+@requires_domainbed
+def test_report_survives_a_truncated_line_that_breaks_domainbed(domainbed, tmp_path):
+    from domainbed_fish.locate import import_domainbed
+    from domainbed_fish.report import write_report
+
+    run = tmp_path / "sweep" / "job"
+    run.mkdir(parents=True)
+    lines = [_record("Debug28", "ERM", [0], s, [(0.25, 0.5), (0.5, 0.5), (0.75, 0.5)]) for s in (0, 2)]
+    (run / "results.jsonl").write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[1])[:40])  # killed mid-write
+    (run / "done").write_text("done")
+    with pytest.raises(json.JSONDecodeError):  # DomainBed's own reader stops here
+        import_domainbed("lib.reporting").load_records(str(tmp_path / "sweep"))
+    with pytest.warns(MalformedResultsWarning, match=r"results.jsonl:2"):
+        result = write_report(tmp_path / "sweep", selection=["oracle"], plots=False, progress=False)
+    (table,) = result.tables
+    assert table.cells["ERM"][0].trials == {0: 0.25}
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _done_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if (p / "done").exists())
+
+
+@requires_domainbed
+def test_two_concurrent_launches_never_train_a_job_twice(shared_sweep):
+    out, _, outputs = shared_sweep
+    dirs = _done_dirs(out)
+    assert len(dirs) == 6
+    trained = [path for text in outputs for path in re.findall(re.escape(TRAINING) + r": (\S+)", text)]
+    assert sorted(trained) == sorted(str(d) for d in dirs)  # each job trained exactly once
+    for d in dirs:  # steps 0, 2, 4: a second concurrent run would have appended more lines
+        assert [r["step"] for r in read_jsonl(d / "results.jsonl")] == [0, 2, 4]
+
+
+@requires_domainbed
+def test_sweep_status_and_manifest(shared_sweep, capsys):
+    out, _, _ = shared_sweep
+    _, text, _ = sweep_main(capsys, "status", "--output_dir", str(out))
+    assert "6 jobs: 6 done, 0 running, 0 incomplete, 0 not launched." in text
+    manifest = json.loads((out / "sweep_manifest.json").read_text())
+    import torch
+
+    import domainbed_fish
+
+    assert manifest["plugin_version"] == domainbed_fish.__version__
+    assert manifest["torch_version"] == torch.__version__
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest["domainbed"]["sources_sha256"])
+    assert "commit" in manifest["domainbed"]
+    assert len(manifest["jobs"]) == 6 and {p.name for p in _done_dirs(out)} == set(manifest["jobs"])
+    assert {a["algorithm"] for a in manifest["jobs"].values()} == {"ERM", "Fish"}
+    assert len(manifest["launches"]) == 2 and manifest["launches"][0]["argv"][:2] == ["python -m sweeps", "launch"]
+
+
+@requires_domainbed
+def test_domainbed_collect_results_reads_the_sweep(shared_sweep):
+    out, _, _ = shared_sweep
+    proc = subprocess.run([PYTHON, "-m", "domainbed.scripts.collect_results", "--input_dir", str(out)],
+                          capture_output=True, text=True, timeout=600, env=sweep_env())
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "Total records: 18" in text  # 6 jobs x 3 checkpoints
+    for method in ("training-domain validation set", "leave-one-domain-out cross-validation",
+                   "test-domain validation set (oracle)"):
+        block = text.split(f"Dataset: Debug28, model selection method: {method}")[1].split("-------")[0]
+        assert re.search(r"^Fish\s+\d+\.\d \+/- \d+\.\d", block, re.M), block
+        assert re.search(r"^ERM\s+\d+\.\d \+/- \d+\.\d", block, re.M), block
+
+
+def _expected_training_selection(out: Path, algorithm: str) -> float:
+    """Training-domain validation by hand: the checkpoint with the best mean validation
+    accuracy of environments 1 and 2; its environment-0 test accuracy."""
+    (run,) = [d for d in _done_dirs(out)
+              if json.loads((d / "results.jsonl").read_text().splitlines()[0])["args"]["algorithm"] == algorithm
+              and json.loads((d / "results.jsonl").read_text().splitlines()[0])["args"]["test_envs"] == [0]]
+    records = read_jsonl(run / "results.jsonl")
+    best = max(records, key=lambda r: (r["env1_out_acc"] + r["env2_out_acc"]) / 2)  # first maximum
+    return best["env0_in_acc"]
+
+
+@requires_domainbed
+def test_report_of_the_shared_sweep(shared_sweep, tmp_path):
+    from domainbed_fish.report import write_report
+
+    out, _, _ = shared_sweep
+    result = write_report(out, tmp_path / "report", progress=False)
+    assert [(t.dataset, t.selection) for t in result.tables] == [
+        ("Debug28", "training"), ("Debug28", "loo"), ("Debug28", "oracle")]
+    for t in result.tables:
+        assert t.algorithms == ["Fish", "ERM"] and t.env_ids == [0] and t.env_names == ["0"]
+        for a in t.algorithms:
+            assert list(t.cells[a][0].trials) == [0]
+        assert t.delta("ERM") == 0.0
+    training = result.tables[0]
+    for a in ("Fish", "ERM"):
+        assert training.cells[a][0].trials[0] == pytest.approx(_expected_training_selection(out, a))
+    fish = 100 * training.cells["Fish"][0].trials[0]
+    erm = 100 * training.cells["ERM"][0].trials[0]
+    assert training.delta("Fish") == pytest.approx(fish - erm)
+    md = result.markdown
+    assert "| Algorithm | 0 | Avg | Δ ERM |" in md
+    assert f"| Fish | {fish:.1f} ± 0.0 | {fish:.1f} ± 0.0 | {fish - erm:+.1f} |" in md
+    assert "## Selected hyperparameters" in md and "## Missing" in md
+    assert len(result.selected) == 6  # 2 algorithms x 3 methods x 1 env x 1 trial
+    names = {p.name for p in result.files}
+    assert names == {"report.md", "report.tex", "results.csv", "selected_hparams.csv", "accuracy.png", "gip.png"}
+    for png in ("accuracy.png", "gip.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tex = (tmp_path / "report" / "report.tex").read_text()
+    assert r"\toprule" in tex and f"{fish:.1f} $\\pm$ 0.0" in tex
+    csv_rows = (tmp_path / "report" / "results.csv").read_text().splitlines()
+    assert csv_rows[0] == "dataset,selection,algorithm,environment,mean,se,n_trials,delta_ERM"
+    assert len(csv_rows) == 1 + 3 * 2 * 2  # 3 methods x 2 algorithms x (env 0 + Avg)
+
+
+@requires_domainbed
+def test_report_cli_on_a_partial_sweep_says_what_is_missing(shared_sweep, tmp_path, capsys):
+    import shutil
+
+    out, _, _ = shared_sweep
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    manifest = json.loads((partial / "sweep_manifest.json").read_text())
+    pair = next(n for n, a in manifest["jobs"].items() if a["algorithm"] == "Fish" and a["test_envs"] == [0, 1])
+    shutil.rmtree(partial / pair)
+    _, out, err = sweep_main(capsys, "report", "--input_dir", str(partial), "--no_plots")
+    assert f"1 of 6 jobs not launched: Debug28 Fish test_envs=[0, 1] hparams_seed=0 trial=0 ({pair})" in out
+    assert "Debug28, leave-one-domain-out: no result for Fish on 0" in out
+    assert "| Fish | — | — | — |" in out  # LOO row; training/oracle rows still there
+    assert "reading results" in err  # progress bar
+
+
+@requires_domainbed
+def test_collect_results_lists_the_plugins_datasets(tmp_path):
+    """DomainBed's collect_results keeps only datasets in ``datasets.DATASETS``; the
+    plugin's are there because the start-up hook registers them in every process."""
+    sweep = tmp_path / "sweep"
+    for e in range(2):  # LinearToy: 3 environments, the last one is the decorrelated one
+        run = sweep / f"run{e}"
+        run.mkdir(parents=True)
+        accs = [(0.9, 0.9)] * 3
+        accs[e] = (0.6, 0.6)
+        (run / "results.jsonl").write_text(json.dumps(_record("LinearToy", "IDGM", [e], 0, accs)) + "\n")
+        (run / "done").write_text("done")
+    proc = subprocess.run([PYTHON, "-m", "domainbed.scripts.collect_results", "--input_dir", str(sweep)],
+                          capture_output=True, text=True, timeout=600, env=sweep_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "Dataset: LinearToy, model selection method: training-domain validation set" in proc.stdout
+    assert re.search(r"^IDGM\s+60\.0 \+/- 0\.0\s+60\.0 \+/- 0\.0\s+X", proc.stdout, re.M), proc.stdout
+
+
+@requires_domainbed
+def test_submitit_local_executor_end_to_end(domainbed, tmp_path, capsys, monkeypatch):
+    for key, value in sweep_env().items():  # the jobs' processes inherit this environment
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    status, text, err = sweep_main(capsys, "launch", *SWEEP_ARGS, "--selection", "training", "--output_dir",
+                                   str(out), "--data_dir", str(tmp_path), "--command_launcher", "submitit",
+                                   "--submitit_cluster", "local", "--submitit_folder", str(tmp_path / "logs"))
+    assert status == 0, text[-2000:] + err[-3000:]
+    assert "submitit (local): submitted 2 jobs" in err
+    assert "2 jobs: 2 done, 0 running, 0 incomplete, 0 not launched." in text
+    assert len(list((tmp_path / "logs").glob("*_result.pkl"))) == 2
+    _, text, _ = sweep_main(capsys, "report", "--input_dir", str(out), "--selection", "training", "--no_plots")
+    assert re.search(r"^\| Fish \| \d+\.\d ± 0\.0 \|", text, re.M)
+    assert re.search(r"^\| ERM \| \d+\.\d ± 0\.0 \| \d+\.\d ± 0\.0 \| \+0\.0 \|", text, re.M)
+
+
+def test_launchers_are_registered_into_domainbed(domainbed):
+    from domainbed_fish.launchers import local_parallel, submitit_launcher
+    from domainbed_fish.locate import import_domainbed
+
+    registry = import_domainbed("command_launchers").REGISTRY
+    assert registry["local_parallel"] is local_parallel
+    assert registry["submitit"] is submitit_launcher
+
+
+def test_local_parallel_uses_this_interpreter_and_splits_threads(tmp_path, monkeypatch):
+    from domainbed_fish.launchers import local_parallel
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    script = "import os, sys; print(sys.executable, os.environ['OMP_NUM_THREADS'])"
+    cmds = [f"python -c {json.dumps(script)} > {tmp_path / str(i)}" for i in range(3)] + ["exit 3"]
+    statuses = local_parallel(cmds, workers=2, progress=False)
+    assert statuses == [0, 0, 0, 3]
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    for i in range(3):
+        assert (tmp_path / str(i)).read_text().split() == [sys.executable, threads]
+
+
+@requires_domainbed
+def test_killed_job_is_incomplete_and_relaunch_finishes_it(domainbed, tmp_path, capsys, monkeypatch):
+    out, data = tmp_path / "out", tmp_path
+    args = ["--datasets", "Debug28", "--algorithms", "ERM", "--n_hparams", "1", "--n_trials", "1",
+            "--steps", "30", "--checkpoint_freq", "10", "--selection", "training", "--test_envs", "0", "1",
+            "--hparams", '{"batch_size": 8}', "--skip_confirmation", "--output_dir", str(out),
+            "--data_dir", str(data), "--workers", "1", "--seed", "0"]
+    launch = subprocess.Popen([PYTHON, "-m", "domainbed_fish.sweep", "launch", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=sweep_env(), cwd=REPO)
+    # Kill the first job as soon as it has written a checkpoint record (mid-run).
+    victim, deadline = None, time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline:
+        for d in out.glob("*/results.jsonl") if out.exists() else []:
+            if d.stat().st_size > 0 and not (d.parent / "done").exists() and holder_pid(d.parent):
+                victim = d.parent
+                os.kill(holder_pid(victim), signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    assert victim is not None, "no job started"
+    text = launch.communicate(timeout=600)[0]
+    assert launch.returncode == 1 and "1 jobs did not finish" in text, text[-3000:]
+    (finished,) = _done_dirs(out)
+    finished_results = (finished / "results.jsonl").read_bytes()
+
+    _, text, _ = sweep_main(capsys, "status", "--output_dir", str(out), "--list")
+    assert "2 jobs: 1 done, 0 running, 1 incomplete, 0 not launched." in text
+    assert re.search(rf"incomplete  {victim.name}  Debug28 ERM test_envs=\[\d\]", text)
+
+    for key, value in sweep_env().items():
+        monkeypatch.setenv(key, value)
+    status, text, err = sweep_main(capsys, "launch", *args)
+    assert status == 0, text[-2000:] + err[-2000:]
+    assert "About to launch 1 jobs (1 interrupted ones are cleared and trained again)." in text
+    assert "2 jobs: 2 done, 0 running, 0 incomplete, 0 not launched." in text
+    assert (finished / "results.jsonl").read_bytes() == finished_results  # untouched
+    assert [r["step"] for r in read_jsonl(victim / "results.jsonl")] == [0, 10, 20, 29]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MalformedResultsWarning)
+        from domainbed_fish.report import write_report
+
+        result = write_report(out, selection=["training"], plots=False, progress=False)
+    (table,) = result.tables
+    assert table.env_ids == [0, 1] and all(len(table.cells["ERM"][e].trials) == 1 for e in (0, 1))
+
+
+def test_submitit_settings_come_from_options_or_environment(monkeypatch):
+    from domainbed_fish.launchers import SubmititOptions
+
+    for var, value in [("SLURM_PARTITION", "gpu"), ("SLURM_TIME", "720"), ("SLURM_GPUS", "1"), ("SLURM_CPUS", "8"),
+                       ("SLURM_MEM_GB", "32"), ("SLURM_ARRAY_PARALLELISM", "16"), ("SUBMITIT_FOLDER", "/x/logs"),
+                       ("SLURM_MAX_REQUEUE", "5")]:
+        monkeypatch.setenv(f"DOMAINBED_FISH_{var}", value)
+    opts = SubmititOptions.from_env(partition="long", array_parallelism=None)
+    assert opts.folder == "/x/logs" and opts.wait
+    assert opts.executor_parameters() == {
+        "name": "domainbed_fish", "stderr_to_stdout": False, "timeout_min": 720, "gpus_per_node": 1,
+        "cpus_per_task": 8, "mem_gb": 32, "slurm_partition": "long", "slurm_array_parallelism": 16,
+        "slurm_max_num_timeout": 5}
+    monkeypatch.setenv("DOMAINBED_FISH_SLURM_GPUS", "one")
+    with pytest.raises(ValueError, match="DOMAINBED_FISH_SLURM_GPUS='one' must be an integer"):
+        SubmititOptions.from_env()
+
+
+def test_submitit_jobs_requeue_themselves_on_preemption():
+    submitit = pytest.importorskip("submitit")
+    import pickle
+
+    from domainbed_fish import launchers
+
+    cls = launchers.CheckpointableTrainCommand
+    job = cls()
+    assert isinstance(job, submitit.helpers.Checkpointable)
+    resubmission = job.checkpoint("python -m domainbed_fish.run_job --output_dir x")
+    assert isinstance(resubmission, submitit.helpers.DelayedSubmission)
+    assert resubmission.function is job and resubmission.args == ("python -m domainbed_fish.run_job --output_dir x",)
+    assert type(pickle.loads(pickle.dumps(job))) is cls  # what submitit sends to the cluster
+    assert job("exit 0") == 0
+    with pytest.raises(RuntimeError, match="exit status 4"):
+        job("exit 4")
+
+
+@requires_domainbed
+def test_status_and_delete_incomplete_spare_running_and_done_jobs(domainbed, tmp_path, capsys):
+    from domainbed_fish import sweep
+
+    argv = ["--datasets", "Debug28", "--algorithms", "ERM", "--n_hparams", "1", "--n_trials", "1",
+            "--selection", "training", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+            "--skip_confirmation"]
+    jobs = sweep.make_jobs(sweep.resolve(sweep.build_parser().parse_args(["status", *argv])))
+    done, running, incomplete = (Path(j.job.output_dir) for j in jobs)
+    for d in (done, running, incomplete):
+        d.mkdir(parents=True)
+    (done / "done").write_text("done")
+    (incomplete / "results.jsonl").write_text("")
+    holder = subprocess.Popen(
+        [PYTHON, "-c", "import time; from domainbed_fish.lockfile import JobLock; "
+         f"assert JobLock({str(running)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=sweep_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        _, text, _ = sweep_main(capsys, "status", *argv, "--list")
+        assert "3 jobs: 1 done, 1 running, 1 incomplete, 0 not launched." in text
+        assert re.search(rf"running  {running.name}  Debug28 ERM", text)
+        _, text, _ = sweep_main(capsys, "delete_incomplete", *argv)
+        assert "Deleted 1 jobs!" in text
+        assert done.exists() and running.exists() and not incomplete.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sweep_without_domainbed_says_how_to_get_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DOMAINBED_DIR", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([PYTHON, "-m", "domainbed_fish.sweep", "dry_run", "--datasets", "PACS", "--data_dir", "x",
+                           "--output_dir", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("DomainBed is importable without DOMAINBED_DIR here")
+    assert proc.stderr.startswith("error: DomainBed was not found.") and "DOMAINBED_DIR" in proc.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 
 import pytest
@@ -12,7 +11,7 @@ from conftest import PYTHON, REPO, subprocess_env
 
 from domainbed_fish.reproduction import jobs as jobs_module
 from domainbed_fish.reproduction.presets import GIP_TRACE_N, PRESETS, TrainJob, get_preset
-from domainbed_fish.reproduction.report import REPORT_FILES, mean_se, read_records, targets
+from domainbed_fish.reproduction.report import REPORT_FILES, targets
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -80,19 +79,6 @@ def test_a_failing_job_reports_its_error(tmp_path, monkeypatch):
     (outcome,) = jobs_module.run_jobs(tmp_path, [job], workers=1)
     assert outcome.error.endswith("ValueError: bad")
     assert not jobs_module.is_done(tmp_path, job)
-
-
-def test_mean_and_standard_error():
-    assert mean_se([0.5]) == (0.5, 0.0)
-    mean, se = mean_se([0.8, 0.9, 1.0])
-    assert mean == pytest.approx(0.9) and se == pytest.approx(0.1 / math.sqrt(3))
-
-
-def test_malformed_results_line_is_skipped_with_its_location(tmp_path):
-    path = tmp_path / "results.jsonl"
-    path.write_text('{"step": 0}\n{"step": \n{"step": 2}\n')
-    with pytest.warns(UserWarning, match=r"results.jsonl:2: skipped"):
-        assert [r["step"] for r in read_records(path)] == [0, 2]
 
 
 def test_targets_read_the_summary():

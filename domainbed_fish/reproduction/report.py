@@ -8,8 +8,6 @@ checkpoint chosen by DomainBed's training-domain validation
 from __future__ import annotations
 
 import json
-import math
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,36 +18,13 @@ import numpy as np
 import torch
 
 from domainbed_fish.locate import import_domainbed
+from domainbed_fish.report import mean_se
 from domainbed_fish.reproduction.gip_trace import measure_trace
 from domainbed_fish.reproduction.jobs import is_done, run_dir
 from domainbed_fish.reproduction.presets import GIP_TRACE_ALGORITHMS, GIP_TRACE_N, Preset, TrainJob
+from domainbed_fish.results import read_jsonl
 
 REPORT_FILES = ("report.md", "report.json", "figure4_accuracy_vs_n.png", "figure5_gip_n15.png")
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (0 for a single value)."""
-    array = np.asarray(values, dtype=float)
-    se = float(array.std(ddof=1) / math.sqrt(len(array))) if len(array) > 1 else 0.0
-    return float(array.mean()), se
-
-
-def _fmt(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    if not values:
-        return "—"
-    mean, se = mean_se(values)
-    return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``results.jsonl``; a malformed line is skipped with a warning naming it."""
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number}: skipped a malformed results line", stacklevel=2)
-    return records
 
 
 @dataclass
@@ -85,7 +60,7 @@ def collect(output_dir: Path, jobs: Sequence[TrainJob]) -> tuple[list[RunResult]
     results, missing = [], []
     for job in jobs:
         run = run_dir(output_dir, job)
-        records = read_records(run / "results.jsonl") if is_done(output_dir, job) else []
+        records = read_jsonl(run / "results.jsonl") if is_done(output_dir, job) else []
         if not records:
             missing.append(job)
             continue

@@ -60,7 +60,9 @@ def copy_state_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
 
 
 @torch.no_grad()
-def fish_meta_update_(meta: Sequence[Tensor], inner: Sequence[Tensor], epsilon: float) -> None:
+def fish_meta_update_(
+    meta: Sequence[Tensor], inner: Sequence[Tensor], epsilon: float, consume_inner: bool = False
+) -> None:
     """θ ← θ + ε(θ̃ − θ), in place, over parameters and buffers.
 
     Floating-point tensors take three ``foreach`` ops (difference, scale, add),
@@ -69,6 +71,10 @@ def fish_meta_update_(meta: Sequence[Tensor], inner: Sequence[Tensor], epsilon: 
     normalisation amplifies such 1-ulp differences to ~1e-3 within 20 steps.
     Integer buffers (BatchNorm's ``num_batches_tracked``) are interpolated in
     floating point and truncated, as DomainBed's arithmetic does to them.
+
+    ``consume_inner=True`` computes the difference in ``inner``'s own storage
+    (same values, no weight-sized temporary: on a CPU a fresh allocation of that
+    size costs page faults every step); ``inner`` then holds ε(θ̃ − θ).
     """
     floats_meta, floats_inner = [], []
     for m, i in zip(meta, inner, strict=True):
@@ -77,10 +83,15 @@ def fish_meta_update_(meta: Sequence[Tensor], inner: Sequence[Tensor], epsilon: 
             floats_inner.append(i)
         else:
             m.copy_(m + epsilon * (i - m))
-    if floats_meta:
+    if not floats_meta:
+        return
+    if consume_inner:
+        torch._foreach_sub_(floats_inner, floats_meta)
+        step = floats_inner
+    else:
         step = torch._foreach_sub(floats_inner, floats_meta)
-        torch._foreach_mul_(step, epsilon)
-        torch._foreach_add_(floats_meta, step)
+    torch._foreach_mul_(step, epsilon)
+    torch._foreach_add_(floats_meta, step)
 
 
 def domain_schedule(
@@ -175,13 +186,16 @@ class FishUpdater:
         if not c.reload_inner_state:
             reset_optimizer_state(self.inner_optimizer)
 
+        self.inner_optimizer.zero_grad(set_to_none=True)  # in case a step was interrupted
         losses = []
         for i in order:
             x, y = minibatches[i]
             loss = F.cross_entropy(self.inner_network(x), y)
-            self.inner_optimizer.zero_grad()
             loss.backward()
             self.inner_optimizer.step()
+            # Free the gradients now, not before the next backward: the next
+            # forward's activations then do not sit on top of them.
+            self.inner_optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
 
         # One synchronisation per step; θ is untouched until the check passes.
@@ -191,7 +205,8 @@ class FishUpdater:
         except NonFiniteLossError:
             reset_optimizer_state(self.inner_optimizer)  # its moments saw the bad values
             raise
-        fish_meta_update_(meta, inner, fish_epsilon(c.meta_lr, len(order), c.epsilon))
+        # The inner weights are scratch from here on: the next step copies θ into them.
+        fish_meta_update_(meta, inner, fish_epsilon(c.meta_lr, len(order), c.epsilon), consume_inner=True)
         stats["loss"] = sum(values) / len(values)
         return stats
 

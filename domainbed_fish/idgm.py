@@ -44,26 +44,55 @@ class IDGMGradient:
 def idgm_gradient(losses: Sequence[Tensor], params: Sequence[Tensor], gamma: float) -> IDGMGradient:
     """The gradient of the IDGM objective from the per-domain losses ``[L_1, …, L_S]``.
 
-    ∇(L_erm − γĜ) = Ḡ − γ∇Ĝ, where Ḡ = (1/S) Σ_s G_s reuses the per-domain
-    gradients already needed for Ĝ, so only ∇Ĝ costs an extra (double) backward.
-    With ``gamma == 0`` no graph is kept and this is ERM's gradient plus the
-    diagnostic Ĝ.
+    Cost: S first-order backward passes (differentiable when γ ≠ 0) and one
+    double backward shared by all domains, never one per domain or per pair.
+    With Σ = Σ_s G_s, Ĝ = (‖Σ‖² − Σ_s ‖G_s‖²)/(S(S−1)) has ∂Ĝ/∂G_s = 2(Σ − G_s)/(S(S−1)),
+    so instead of building a graph for Ĝ, one ``autograd.grad`` call seeds every
+    G_s with −γ ∂Ĝ/∂G_s and L_erm with 1: autograd adds the Hessian-vector
+    products and ∇L_erm in a single traversal, and the forward graph, which the
+    double backward crosses anyway, is not traversed twice.  With ``gamma == 0``
+    no graph is kept and this is ERM's gradient, Ḡ = Σ/S, plus the diagnostic Ĝ.
     """
     num_domains = len(losses)
     second_order = gamma != 0.0 and num_domains > 1
     grads = per_domain_gradients(losses, params, create_graph=second_order)
-    gip = mean_pairwise_inner_product(grads)
-    with torch.no_grad():
-        mean_grad = [torch.stack(per_param).mean(0) for per_param in zip(*grads, strict=True)]
-    if second_order:
-        gip_grads = torch.autograd.grad(gip, params, materialize_grads=True)
-        with torch.no_grad():
-            total = [m.sub_(g, alpha=gamma) for m, g in zip(mean_grad, gip_grads, strict=True)]
-    else:
-        total = mean_grad
     nll = torch.stack([loss.detach() for loss in losses]).mean()
-    gip = gip.detach()
+    with torch.no_grad():
+        summed = [g.detach() for g in grads[0]] if num_domains == 1 else torch._foreach_add(grads[0], grads[1])
+        for g in grads[2:]:
+            torch._foreach_add_(summed, g)
+        gip = _gip_from_sum(summed, grads)
+    if second_order:
+        scale = -gamma * 2.0 / (num_domains * (num_domains - 1))
+        seeds = []
+        with torch.no_grad():
+            for g in grads:
+                seed = torch._foreach_sub(summed, g)
+                torch._foreach_mul_(seed, scale)
+                seeds += seed
+        # Gradients that do not depend on θ (materialised zeros) have no graph to seed.
+        pairs = [(t, seed) for t, seed in zip((t for g in grads for t in g), seeds, strict=True) if t.requires_grad]
+        mean_loss = torch.stack(list(losses)).mean()
+        outputs = [mean_loss, *(t for t, _ in pairs)]
+        seeds = [torch.ones_like(mean_loss), *(seed for _, seed in pairs)]
+        total = list(torch.autograd.grad(outputs, params, seeds, materialize_grads=True))
+    else:
+        total = summed if num_domains > 1 else [g.clone() for g in summed]
+        torch._foreach_div_(total, float(num_domains))
     return IDGMGradient(grads=total, nll=nll, gip=gip, objective=nll - gamma * gip)
+
+
+def _gip_from_sum(summed: Sequence[Tensor], grads: Sequence[Sequence[Tensor]]) -> Tensor:
+    """Ĝ = (‖Σ_s G_s‖² − Σ_s ‖G_s‖²)/(S(S−1)) from the summed gradients (no graph)."""
+    num_domains = len(grads)
+    if num_domains < 2:
+        return summed[0].new_zeros(())
+
+    def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
+        return torch.stack(torch._foreach_norm(list(tensors))).square().sum()
+
+    self_sq = sum(squared_norm(g) for g in grads)
+    return (squared_norm(summed) - self_sq) / (num_domains * (num_domains - 1))
 
 
 def idgm_objective(network: nn.Module, minibatches: Minibatches, gamma: float) -> Tensor:

@@ -86,8 +86,12 @@ class Network:
 NETWORKS = {
     "mnist": Network("MNIST_CNN 1×28×28", (1, 28, 28), "RotatedMNIST", 10, False),
     "cdsprites": Network("CdSprites CNN 3×64×64", (3, 64, 64), "CdSprites5", 2, False),
-    "resnet18": Network("ResNet-18 3×224×224", (3, 224, 224), "PACS", 7, True, (("resnet18", True),)),
-    "resnet50": Network("ResNet-50 3×224×224", (3, 224, 224), "PACS", 7, True, (("resnet18", False),)),
+    # DomainBed's default 224×224 network is timm's AugMix ResNet-50 whatever ``resnet18``
+    # says; ``resnet50_augmix=False`` selects torchvision's ResNet-18/50.
+    "resnet18": Network("ResNet-18 3×224×224", (3, 224, 224), "PACS", 7, True,
+                        (("resnet18", True), ("resnet50_augmix", False))),
+    "resnet50": Network("ResNet-50 3×224×224", (3, 224, 224), "PACS", 7, True,
+                        (("resnet18", False), ("resnet50_augmix", False))),
 }
 
 

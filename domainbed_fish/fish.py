@@ -90,6 +90,12 @@ def fish_meta_update_(
         step = floats_inner
     else:
         step = torch._foreach_sub(floats_inner, floats_meta)
+    if math.frexp(epsilon)[0] == 0.5:
+        # ε a power of two (DomainBed's default 0.5): ε·d is exact, so a fused
+        # multiply-add rounds like the separate ops (short of subnormal
+        # differences); one pass over the weights saved.
+        torch._foreach_add_(floats_meta, step, alpha=epsilon)
+        return
     torch._foreach_mul_(step, epsilon)
     torch._foreach_add_(floats_meta, step)
 

@@ -192,16 +192,15 @@ class FishUpdater:
         if not c.reload_inner_state:
             reset_optimizer_state(self.inner_optimizer)
 
-        self.inner_optimizer.zero_grad(set_to_none=True)  # in case a step was interrupted
         losses = []
         for i in order:
             x, y = minibatches[i]
+            # Free the previous gradients before the forward pass, so that its
+            # activations do not sit on top of them (the plain training loop's order).
+            self.inner_optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.inner_network(x), y)
             loss.backward()
             self.inner_optimizer.step()
-            # Free the gradients now, not before the next backward: the next
-            # forward's activations then do not sit on top of them.
-            self.inner_optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
 
         # One synchronisation per step; θ is untouched until the check passes.

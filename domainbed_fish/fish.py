@@ -74,7 +74,7 @@ def fish_meta_update_(
 
     ``consume_inner=True`` computes the difference in ``inner``'s own storage
     (same values, no weight-sized temporary: on a CPU a fresh allocation of that
-    size costs page faults every step); ``inner`` then holds ε(θ̃ − θ).
+    size costs page faults every step); ``inner`` then holds scratch values.
     """
     floats_meta, floats_inner = [], []
     for m, i in zip(meta, inner, strict=True):

@@ -8,7 +8,8 @@ Minimise
 whose gradient ∇L_idgm = Ḡ − γ∇Ĝ needs Hessian-vector products: ∇Ĝ is obtained by
 back-propagating through the per-domain gradients (double backward).  The cost
 is linear in S: S per-domain forward/backward passes (kept differentiable) and
-one backward of Ĝ, never a backward through the whole batch once per domain.
+one double backward for all domains together, never a backward through the
+whole batch once per domain.
 """
 
 from __future__ import annotations

@@ -60,7 +60,9 @@ def copy_state_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
 
 
 @torch.no_grad()
-def fish_meta_update_(meta: Sequence[Tensor], inner: Sequence[Tensor], epsilon: float) -> None:
+def fish_meta_update_(
+    meta: Sequence[Tensor], inner: Sequence[Tensor], epsilon: float, consume_inner: bool = False
+) -> None:
     """θ ← θ + ε(θ̃ − θ), in place, over parameters and buffers.
 
     Floating-point tensors take three ``foreach`` ops (difference, scale, add),
@@ -69,6 +71,10 @@ def fish_meta_update_(meta: Sequence[Tensor], inner: Sequence[Tensor], epsilon: 
     normalisation amplifies such 1-ulp differences to ~1e-3 within 20 steps.
     Integer buffers (BatchNorm's ``num_batches_tracked``) are interpolated in
     floating point and truncated, as DomainBed's arithmetic does to them.
+
+    ``consume_inner=True`` computes the difference in ``inner``'s own storage
+    (same values, no weight-sized temporary: on a CPU a fresh allocation of that
+    size costs page faults every step); ``inner`` then holds scratch values.
     """
     floats_meta, floats_inner = [], []
     for m, i in zip(meta, inner, strict=True):
@@ -77,10 +83,21 @@ def fish_meta_update_(meta: Sequence[Tensor], inner: Sequence[Tensor], epsilon: 
             floats_inner.append(i)
         else:
             m.copy_(m + epsilon * (i - m))
-    if floats_meta:
+    if not floats_meta:
+        return
+    if consume_inner:
+        torch._foreach_sub_(floats_inner, floats_meta)
+        step = floats_inner
+    else:
         step = torch._foreach_sub(floats_inner, floats_meta)
-        torch._foreach_mul_(step, epsilon)
-        torch._foreach_add_(floats_meta, step)
+    if math.frexp(epsilon)[0] == 0.5:
+        # ε a power of two (DomainBed's default 0.5): ε·d is exact, so a fused
+        # multiply-add rounds like the separate ops (short of subnormal
+        # differences); one pass over the weights saved.
+        torch._foreach_add_(floats_meta, step, alpha=epsilon)
+        return
+    torch._foreach_mul_(step, epsilon)
+    torch._foreach_add_(floats_meta, step)
 
 
 def domain_schedule(
@@ -178,8 +195,10 @@ class FishUpdater:
         losses = []
         for i in order:
             x, y = minibatches[i]
+            # Free the previous gradients before the forward pass, so that its
+            # activations do not sit on top of them (the plain training loop's order).
+            self.inner_optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.inner_network(x), y)
-            self.inner_optimizer.zero_grad()
             loss.backward()
             self.inner_optimizer.step()
             losses.append(loss.detach())
@@ -191,7 +210,8 @@ class FishUpdater:
         except NonFiniteLossError:
             reset_optimizer_state(self.inner_optimizer)  # its moments saw the bad values
             raise
-        fish_meta_update_(meta, inner, fish_epsilon(c.meta_lr, len(order), c.epsilon))
+        # The inner weights are scratch from here on: the next step copies θ into them.
+        fish_meta_update_(meta, inner, fish_epsilon(c.meta_lr, len(order), c.epsilon), consume_inner=True)
         stats["loss"] = sum(values) / len(values)
         return stats
 

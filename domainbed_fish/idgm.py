@@ -8,7 +8,8 @@ Minimise
 whose gradient ∇L_idgm = Ḡ − γ∇Ĝ needs Hessian-vector products: ∇Ĝ is obtained by
 back-propagating through the per-domain gradients (double backward).  The cost
 is linear in S: S per-domain forward/backward passes (kept differentiable) and
-one backward of Ĝ, never a backward through the whole batch once per domain.
+one double backward for all domains together, never a backward through the
+whole batch once per domain.
 """
 
 from __future__ import annotations
@@ -67,28 +68,61 @@ def idgm_gradient(
 ) -> IDGMGradient:
     """The gradient of the IDGM objective from the per-domain losses ``[L_1, …, L_S]``.
 
-    ∇(L_erm − γĜ) = Ḡ − γ∇Ĝ, where Ḡ = (1/S) Σ_s G_s reuses the per-domain
-    gradients already needed for Ĝ, so only ∇Ĝ costs an extra (double) backward.
-    With a finite ``bound`` ρ, γ is lowered to :func:`bounded_gamma` for this step.
-    With ``gamma == 0`` no graph is kept and this is ERM's gradient plus the
+    ∇(L_erm − γĜ) = Ḡ − γ∇Ĝ.  Cost: S first-order backward passes
+    (differentiable when γ ≠ 0) and one double backward shared by all domains,
+    never one per domain or per pair.  Ḡ = Σ/S with Σ = Σ_s G_s reuses the
+    per-domain gradients; Ĝ = (‖Σ‖² − Σ_s ‖G_s‖²)/(S(S−1)) has
+    ∂Ĝ/∂G_s = 2(Σ − G_s)/(S(S−1)), so instead of building a graph for Ĝ one
+    ``autograd.grad`` call seeds every G_s with ∂Ĝ/∂G_s and autograd adds the
+    Hessian-vector products into ∇Ĝ in a single traversal.  With a finite
+    ``bound`` ρ, γ is lowered to :func:`bounded_gamma` for this step.  With
+    ``gamma == 0`` no graph is kept and this is ERM's gradient plus the
     diagnostic Ĝ.
     """
     num_domains = len(losses)
     second_order = gamma != 0.0 and num_domains > 1
     grads = per_domain_gradients(losses, params, create_graph=second_order)
-    gip = mean_pairwise_inner_product(grads)
+    nll = torch.stack([loss.detach() for loss in losses]).mean()
     with torch.no_grad():
-        mean_grad = [torch.stack(per_param).mean(0) for per_param in zip(*grads, strict=True)]
+        summed = [g.detach() for g in grads[0]] if num_domains == 1 else torch._foreach_add(grads[0], grads[1])
+        for g in grads[2:]:
+            torch._foreach_add_(summed, g)
+        gip = _gip_from_sum(summed, grads)
+        mean_grad = torch._foreach_div(summed, float(num_domains))
     if second_order:
-        gip_grads = torch.autograd.grad(gip, params, materialize_grads=True)
+        scale = 2.0 / (num_domains * (num_domains - 1))
+        seeds = []
+        with torch.no_grad():
+            for g in grads:
+                seed = torch._foreach_sub(summed, g)
+                torch._foreach_mul_(seed, scale)
+                seeds += seed
+        # Gradients that do not depend on θ (materialised zeros) have no graph to seed.
+        pairs = [(t, seed) for t, seed in zip((t for g in grads for t in g), seeds, strict=True) if t.requires_grad]
+        if pairs:
+            outputs, grad_outputs = zip(*pairs, strict=True)
+            gip_grads = list(torch.autograd.grad(outputs, params, grad_outputs, materialize_grads=True))
+        else:
+            gip_grads = [torch.zeros_like(p) for p in params]
         with torch.no_grad():
             gamma_t = bounded_gamma(gamma, bound, _global_norm(mean_grad), _global_norm(gip_grads))
             torch._foreach_add_(mean_grad, torch._foreach_mul(gip_grads, -gamma_t))
     else:
         gamma_t = gip.new_tensor(gamma)
-    nll = torch.stack([loss.detach() for loss in losses]).mean()
-    gip = gip.detach()
     return IDGMGradient(grads=mean_grad, nll=nll, gip=gip, gamma=gamma_t, objective=nll - gamma_t * gip)
+
+
+def _gip_from_sum(summed: Sequence[Tensor], grads: Sequence[Sequence[Tensor]]) -> Tensor:
+    """Ĝ = (‖Σ_s G_s‖² − Σ_s ‖G_s‖²)/(S(S−1)) from the summed gradients (no graph)."""
+    num_domains = len(grads)
+    if num_domains < 2:
+        return summed[0].new_zeros(())
+
+    def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
+        return torch.stack(torch._foreach_norm(list(tensors))).square().sum()
+
+    self_sq = sum(squared_norm(g) for g in grads)
+    return (squared_norm(summed) - self_sq) / (num_domains * (num_domains - 1))
 
 
 def idgm_objective(network: nn.Module, minibatches: Minibatches, gamma: float) -> Tensor:

@@ -39,6 +39,17 @@ def test_meta_update_interpolates_floats_and_truncates_counters():
     torch.testing.assert_close(meta[0], inner[0])
 
 
+@pytest.mark.parametrize("epsilon", [0.3, 0.5])  # 0.5: the fused path for powers of two
+def test_meta_update_consuming_inner_gives_the_same_weights(epsilon):
+    g = torch.Generator().manual_seed(0)
+    meta = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    inner = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    expected = [m + epsilon * (i - m) for m, i in zip(meta, inner)]  # DomainBed's arithmetic
+    fish_meta_update_(meta, inner, epsilon, consume_inner=True)
+    for a, b in zip(meta, expected):
+        assert torch.equal(a, b)  # bit for bit
+
+
 def test_epsilon_conventions():
     assert fish_epsilon(0.5, 5, "meta_lr") == 0.5
     assert fish_epsilon(0.5, 5, "meta_lr/meta_steps") == pytest.approx(0.1)

@@ -9,9 +9,10 @@ are then timed in interleaved rounds (one call of each per round, in a rotating
 order), so that a noisy machine slows every algorithm alike and the ratios hold.
 Figures per row:
 
-- ``step ms``: median ``update()`` time after warm-up (wall clock; on a GPU with
-  ``torch.cuda.synchronize`` after each call);
-- ``/ ERM``: that median over ERM's, same case;
+- ``step ms``: median ``update()`` time after warm-up: process CPU time on a CPU
+  with one thread (see below; wall time in the next column), wall time otherwise
+  (on a GPU with ``torch.cuda.synchronize`` after each call);
+- ``/ ERM``: the median over rounds of the step's time over ERM's in the same round;
 - ``/ floor`` (Fish rows): over the median of *S plain optimizer steps* (Fish's
   inner optimizer) of a copy of the same network on the same S minibatches, timed
   in the same rounds: the least a Fish step can cost;
@@ -19,9 +20,11 @@ Figures per row:
   ``--warmup`` updates: on a CPU, bytes allocated minus freed by torch's CPU
   allocator (profiler allocation events, exact); on a GPU,
   ``torch.cuda.max_memory_allocated`` relative to the start;
-- ``RSS MiB`` (CPU, ``--rss``): the peak resident set of a fresh process that imports
-  everything, builds the minibatches, then builds this one algorithm and runs
-  ``--warmup`` updates: peak (VmHWM) minus the RSS before the algorithm was built.
+- ``RSS MiB`` (CPU; ``--rss small`` by default: the small networks only, since for the
+  ResNets it would double the run time): the peak resident set of a fresh process
+  that imports everything, builds the minibatches, then builds this one algorithm
+  and runs ``--warmup`` updates: peak (VmHWM, reset after the imports) minus the RSS
+  before the algorithm was built.  It includes the C allocator's cached memory.
 
 Hyperparameters are DomainBed's defaults for a dataset of that input shape, with
 IDGM's penalty on from the first step (its expensive case) and Fish's ``gip``

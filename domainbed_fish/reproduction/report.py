@@ -142,19 +142,14 @@ def targets(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         if fish5 is not None and fish30 is not None:
             checks.append((f"Fish at N=30 ≥ Fish at N=5 + 20 points ({label})",
                            f"{100 * (fish30 - fish5):+.1f} points", fish30 - fish5 >= 0.2))
-    if "ERM" in gip:
-        erm = np.mean([v[0] for v in gip["ERM"].values()])
+    for trace, measure in ((gip, "Ĝ"), (cosine, "gradient cosine")):
+        if "ERM" not in trace:
+            continue
+        erm = np.mean([v[0] for v in trace["ERM"].values()])
         for algorithm in ("Fish", "IDGM"):
-            if algorithm in gip:
-                value = np.mean([v[0] for v in gip[algorithm].values()])
-                checks.append((f"Ĝ over training at N=15: {algorithm} > ERM (mean over checkpoints)",
-                               f"{value:.3g} vs {erm:.3g}", bool(value > erm)))
-    if "ERM" in cosine:
-        erm = np.mean([v[0] for v in cosine["ERM"].values()])
-        for algorithm in ("Fish", "IDGM"):
-            if algorithm in cosine:
-                value = np.mean([v[0] for v in cosine[algorithm].values()])
-                checks.append((f"gradient cosine over training at N=15: {algorithm} > ERM (mean over checkpoints)",
+            if algorithm in trace:
+                value = np.mean([v[0] for v in trace[algorithm].values()])
+                checks.append((f"{measure} over training at N=15: {algorithm} > ERM (mean over checkpoints)",
                                f"{value:.3g} vs {erm:.3g}", bool(value > erm)))
     for algorithm, wanted in (("Fish", "≥ 90%"), ("IDGM", "≥ 90%"), ("ERM", "≈ 57%")):
         if algorithm in toy:

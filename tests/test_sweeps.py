@@ -124,14 +124,20 @@ def test_presets_dry_run(domainbed, tmp_path, capsys):
 # ----------------------------------------------------------------------------- locks
 
 
-def test_job_lock_is_exclusive_and_dies_with_its_process(tmp_path):
-    job = tmp_path / "job"
+def _hold_lock(job) -> subprocess.Popen:
+    """A separate process holding ``job``'s lock (for 60 s at most), once it has it."""
     holder = subprocess.Popen(
-        [PYTHON, "-c", "import sys, time; from domainbed_fish.lockfile import JobLock; "
+        [PYTHON, "-c", "import time; from domainbed_fish.lockfile import JobLock; "
          f"assert JobLock({str(job)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, env=sweep_env())
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_job_lock_is_exclusive_and_dies_with_its_process(tmp_path):
+    job = tmp_path / "job"
+    holder = _hold_lock(job)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         assert is_locked(job)
         assert holder_pid(job) == holder.pid
         assert not JobLock(job).acquire(patience_s=0.2)
@@ -453,12 +459,8 @@ def test_status_and_delete_incomplete_spare_running_and_done_jobs(domainbed, tmp
         d.mkdir(parents=True)
     (done / "done").write_text("done")
     (incomplete / "results.jsonl").write_text("")
-    holder = subprocess.Popen(
-        [PYTHON, "-c", "import time; from domainbed_fish.lockfile import JobLock; "
-         f"assert JobLock({str(running)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env=sweep_env())
+    holder = _hold_lock(running)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         _, text, _ = sweep_main(capsys, "status", *argv, "--list")
         assert "3 jobs: 1 done, 1 running, 1 incomplete, 0 not launched." in text
         assert re.search(rf"running  {running.name}  Debug28 ERM", text)

@@ -116,7 +116,7 @@ def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainb
     assert set(summary["toy"]) == {"ERM", "Fish", "IDGM"}
     for entry in summary["toy"].values():
         assert 0.0 <= entry["heldout_acc"][0] <= 1.0
-        assert entry["weights"]["heldout"] == (0.0, 0.0)  # never trained: stays at its zero init
+        assert entry["weights"]["heldout"] == [0.0, 0.0]  # never trained: stays at its zero init (mean, SE)
     report = (out / "report.md").read_text()
     assert "| Fish |" in report and "## The paper's findings, as measured here" in report
     assert (out / "figure4_accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"

@@ -51,8 +51,9 @@ setup(
     package_data={"domainbed_fish": ["presets/*.json"]},
     install_requires=["torch>=2.1", "torchvision", "numpy", "tqdm"],
     extras_require={
-        # DomainBed's own requirements (DomainBed itself is cloned, see README).
-        "domainbed": ["wilds", "timm", "tqdm", "parameterized"],
+        # DomainBed's own requirements (DomainBed itself is cloned, see README), and
+        # matplotlib for the reproduction's figures.
+        "domainbed": ["wilds", "timm", "tqdm", "parameterized", "matplotlib"],
         # Slurm through submitit (the `submitit` launcher); plots of the sweep report.
         "cluster": ["submitit"],
         "plots": ["matplotlib"],

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"Made by `python -m domainbed_fish.reproduction --preset {preset.name} --workers {args.workers}` "
         f"on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, torch {torch.__version__}; this invocation took {elapsed / 60:.1f} min.",
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}; "
+        + ("written from the runs present (--report_only)." if args.report_only
+           else f"this invocation ran its jobs in {elapsed / 60:.1f} min."),
     ]
     print("writing the report (measuring Ĝ from checkpoints) …")
     write_report(output_dir, preset, header)

@@ -146,3 +146,12 @@ def test_alignment_is_the_gip_and_the_mean_pairwise_cosine():
     assert gip == pytest.approx(brute_force_gip(grads).item())
     assert cosine == pytest.approx(torch.stack(cosines).mean().item())
     assert alignment(net, [batches[0]] * 3)[1] == pytest.approx(1.0)  # identical batches: aligned
+
+
+def test_missing_domainbed_is_one_clear_error(tmp_path):
+    env = {k: v for k, v in subprocess_env().items() if k not in ("DOMAINBED_DIR", "PYTHONPATH")}
+    proc = subprocess.run([PYTHON, "-m", "domainbed_fish.reproduction", "--quick", "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: DomainBed was not found") and "DOMAINBED_DIR" in proc.stderr
+    assert "Traceback" not in proc.stderr

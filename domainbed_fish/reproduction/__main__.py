@@ -54,8 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import domainbed_fish
+    from domainbed_fish.locate import DomainBedNotFoundError
 
-    domainbed_fish.register()  # fails early, with the fix, when DomainBed is missing
+    try:
+        domainbed_fish.register()  # fails early, with the fix, when DomainBed is missing
+    except DomainBedNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     failures: list[JobOutcome] = []

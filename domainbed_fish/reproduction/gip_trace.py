@@ -39,7 +39,8 @@ def probe_minibatches(dataset: str, hparams: dict, test_env: int, per_domain: in
     return batches
 
 
-def _network(checkpoint: dict) -> torch.nn.Module:
+def network_from_checkpoint(checkpoint: dict) -> torch.nn.Module:
+    """The trained network of a DomainBed checkpoint (``model.pkl`` or ``model_step*.pkl``)."""
     algorithms = import_domainbed("algorithms")
     args = checkpoint["args"]
     algorithm = algorithms.get_algorithm_class(args["algorithm"])(
@@ -77,7 +78,7 @@ def measure_trace(run: Path, probe_per_domain: int = 64) -> list[tuple[int, floa
             args = checkpoint["args"]
             batches = probe_minibatches(args["dataset"], checkpoint["model_hparams"], args["test_envs"][0],
                                         probe_per_domain)
-        network = _network(checkpoint)
+        network = network_from_checkpoint(checkpoint)
         trace.append((step, *alignment(network, batches)))
     cache.write_text(json.dumps(trace))
     return trace

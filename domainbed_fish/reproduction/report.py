@@ -19,7 +19,7 @@ import torch
 
 from domainbed_fish.locate import import_domainbed
 from domainbed_fish.report import mean_se
-from domainbed_fish.reproduction.gip_trace import measure_trace
+from domainbed_fish.reproduction.gip_trace import measure_trace, network_from_checkpoint
 from domainbed_fish.reproduction.jobs import is_done, run_dir
 from domainbed_fish.reproduction.presets import GIP_TRACE_ALGORITHMS, GIP_TRACE_N, Preset, TrainJob
 from domainbed_fish.results import read_jsonl
@@ -45,10 +45,8 @@ def _selected_acc(records: list[dict[str, Any]]) -> float:
 
 def toy_weights(run: Path) -> dict[str, float]:
     """The trained linear model as logit differences (class 1 − class 0) per input coordinate."""
-    from domainbed_fish.reproduction.gip_trace import _network
-
     checkpoint = torch.load(run / "model.pkl", map_location="cpu", weights_only=False)
-    linear = [m for m in _network(checkpoint).modules() if isinstance(m, torch.nn.Linear)]
+    linear = [m for m in network_from_checkpoint(checkpoint).modules() if isinstance(m, torch.nn.Linear)]
     (layer,) = linear
     w = (layer.weight[1] - layer.weight[0]).tolist()
     b = (layer.bias[1] - layer.bias[0]).item()

@@ -9,7 +9,8 @@ whose gradient ∇L_idgm = Ḡ − γ∇Ĝ needs Hessian-vector products: ∇Ĝ 
 back-propagating through the per-domain gradients (double backward).  The cost
 is linear in S: S per-domain forward/backward passes (kept differentiable) and
 one double backward for all domains together, never a backward through the
-whole batch once per domain.
+whole batch once per domain.  Train-mode BatchNorm layers get a closed-form
+second derivative (:mod:`domainbed_fish.batchnorm`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from domainbed_fish.batchnorm import analytic_batch_norm_grad
 from domainbed_fish.errors import NonFiniteLossError
 from domainbed_fish.gradients import (
     Minibatches,
@@ -163,7 +165,10 @@ class IDGMUpdater:
         gamma = self.penalty_weight
         params = [p for p in self.network.parameters() if p.requires_grad]
 
-        losses = per_domain_losses(self.network, minibatches)
+        # Train-mode BatchNorm's double backward is PyTorch's costliest part of ∇Ĝ;
+        # graphs built here get the closed form (same values, see batchnorm.py).
+        with analytic_batch_norm_grad():
+            losses = per_domain_losses(self.network, minibatches)
         self._check_finite(torch.stack([loss.detach() for loss in losses]), "loss")
         result = idgm_gradient(losses, params, gamma, c.penalty_bound)
         self._check_finite(result.objective.reshape(1), "objective L_erm − γĜ")

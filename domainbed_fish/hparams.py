@@ -23,6 +23,9 @@ from domainbed_fish.optim import OPTIMIZERS
 
 Sampler = Callable[[np.random.RandomState], Any]
 
+#: Values of ``idgm_bound_metric``.
+BOUND_METRICS = ("optimizer", "euclidean")
+
 
 @dataclass(frozen=True)
 class HParam:
@@ -71,6 +74,10 @@ IDGM_HPARAMS: tuple[HParam, ...] = (
            "ρ: the penalty's gradient is kept within ρ·‖Ḡ‖ by lowering γ for that step "
            "(γ_t = min(γ, ρ‖Ḡ‖/‖∇Ĝ‖)), so with ρ < 1 every step still descends L_erm; "
            "inf: a fixed γ, the unbounded objective"),
+    HParam("idgm_bound_metric", "optimizer", _fixed("optimizer"),
+           "norms of the bound: 'optimizer' measures Ḡ and ∇Ĝ in the metric of the step the "
+           "optimizer takes (Adam's 1/(√v̂ + eps) per coordinate), so that step descends L_erm; "
+           "'euclidean': plain norms, which only SGD's step respects"),
     HParam("idgm_penalty_anneal_iters", 500, lambda r: int(10 ** r.uniform(0, 4)),
            "steps of plain ERM (γ = 0) before the penalty switches on, with an optimizer "
            "reset at the switch, as DomainBed's IRM and VREx"),
@@ -191,6 +198,7 @@ class IDGMConfig:
     penalty_bound: float
     penalty_anneal_iters: int
     optimizer: str
+    bound_metric: str = "optimizer"
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> IDGMConfig:
@@ -216,6 +224,7 @@ class IDGMConfig:
             penalty_bound=bound,
             penalty_anneal_iters=_integer(hparams, "idgm_penalty_anneal_iters", 0),
             optimizer=_choice(hparams, "idgm_optimizer", OPTIMIZERS),
+            bound_metric=_choice(hparams, "idgm_bound_metric", BOUND_METRICS),
         )
 
 

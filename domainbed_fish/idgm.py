@@ -15,7 +15,8 @@ second derivative (:mod:`domainbed_fish.batchnorm`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from domainbed_fish.gradients import (
     per_domain_losses,
 )
 from domainbed_fish.hparams import IDGMConfig
-from domainbed_fish.optim import make_optimizer, reset_optimizer_state
+from domainbed_fish.optim import make_optimizer, reset_optimizer_state, step_metric
 
 
 @dataclass
@@ -45,8 +46,12 @@ class IDGMGradient:
     objective: Tensor  # L_erm − γ_t Ĝ
 
 
-def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
+def _global_norm(tensors: Sequence[Tensor], metric: Sequence[Tensor] | None = None) -> Tensor:
+    """‖x‖, or ‖x‖_W = (Σ W x²)^½ for a diagonal ``metric`` W."""
+    if metric is None:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
+    weighted = torch._foreach_mul(torch._foreach_mul(list(tensors), list(tensors)), list(metric))
+    return torch.stack([w.sum() for w in weighted]).sum().sqrt()
 
 
 def bounded_gamma(gamma: float, bound: float, mean_grad_norm: Tensor, gip_grad_norm: Tensor) -> Tensor:
@@ -56,8 +61,10 @@ def bounded_gamma(gamma: float, bound: float, mean_grad_norm: Tensor, gip_grad_n
     adaptive optimizer follows even a tiny penalty gradient once the cross-entropy
     is near zero.  Keeping ‖γ_t∇Ĝ‖ ≤ ρ‖Ḡ‖ with ρ < 1 makes every step a descent
     direction of L_erm (Ḡ·(Ḡ − γ_t∇Ĝ) ≥ (1 − ρ)‖Ḡ‖² > 0): the penalty steers among
-    descent directions but never reverses ERM's progress.  ``bound = inf`` is the
-    fixed-γ objective.
+    descent directions but never reverses ERM's progress.  The norms may be taken in
+    the metric ‖x‖²_W = Σ W x² of the optimizer's step W(Ḡ − γ_t∇Ĝ) (Cauchy–Schwarz
+    in ⟨·,·⟩_W gives the same guarantee for the step actually taken; see
+    :func:`domainbed_fish.optim.step_metric`).  ``bound = inf`` is the fixed-γ objective.
     """
     if gamma == 0.0 or bound == float("inf"):
         return mean_grad_norm.new_tensor(gamma)
@@ -66,7 +73,11 @@ def bounded_gamma(gamma: float, bound: float, mean_grad_norm: Tensor, gip_grad_n
 
 
 def idgm_gradient(
-    losses: Sequence[Tensor], params: Sequence[Tensor], gamma: float, bound: float = float("inf")
+    losses: Sequence[Tensor],
+    params: Sequence[Tensor],
+    gamma: float,
+    bound: float = float("inf"),
+    metric: Callable[[Sequence[Tensor]], Sequence[Tensor] | None] | None = None,
 ) -> IDGMGradient:
     """The gradient of the IDGM objective from the per-domain losses ``[L_1, …, L_S]``.
 
@@ -77,7 +88,8 @@ def idgm_gradient(
     ∂Ĝ/∂G_s = 2(Σ − G_s)/(S(S−1)), so instead of building a graph for Ĝ one
     ``autograd.grad`` call seeds every G_s with ∂Ĝ/∂G_s and autograd adds the
     Hessian-vector products into ∇Ĝ in a single traversal.  With a finite
-    ``bound`` ρ, γ is lowered to :func:`bounded_gamma` for this step.  With
+    ``bound`` ρ, γ is lowered to :func:`bounded_gamma` for this step, its norms taken
+    in ``metric(Ḡ)`` (diagonal weights per parameter; Euclidean when absent).  With
     ``gamma == 0`` no graph is kept and this is ERM's gradient plus the
     diagnostic Ĝ.
     """
@@ -107,7 +119,10 @@ def idgm_gradient(
         else:
             gip_grads = [torch.zeros_like(p) for p in params]
         with torch.no_grad():
-            gamma_t = bounded_gamma(gamma, bound, _global_norm(mean_grad), _global_norm(gip_grads))
+            weights = metric(mean_grad) if metric is not None else None
+            gamma_t = bounded_gamma(
+                gamma, bound, _global_norm(mean_grad, weights), _global_norm(gip_grads, weights)
+            )
             torch._foreach_add_(mean_grad, torch._foreach_mul(gip_grads, -gamma_t))
     else:
         gamma_t = gip.new_tensor(gamma)
@@ -170,7 +185,9 @@ class IDGMUpdater:
         with analytic_batch_norm_grad():
             losses = per_domain_losses(self.network, minibatches)
         self._check_finite(torch.stack([loss.detach() for loss in losses]), "loss")
-        result = idgm_gradient(losses, params, gamma, c.penalty_bound)
+        # The bound is measured in the metric of the step the optimizer will take.
+        metric = functools.partial(step_metric, self.optimizer, params) if c.bound_metric == "optimizer" else None
+        result = idgm_gradient(losses, params, gamma, c.penalty_bound, metric)
         self._check_finite(result.objective.reshape(1), "objective L_erm − γĜ")
 
         for p, g in zip(params, result.grads, strict=True):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,3 +36,33 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     ``step()``, so an empty ``state`` is exactly a freshly constructed optimizer.
     """
     optimizer.state.clear()
+
+
+def step_metric(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor]
+) -> list[Tensor] | None:
+    """The diagonal scaling W the optimizer's next step will apply to a gradient near ``grads``.
+
+    Adam's step is (about) W g with W = 1/(√v̂ + eps) per coordinate, v̂ the bias-corrected
+    second moment after this step's update v ← β₂v + (1 − β₂)g² (AMSGrad: its running
+    maximum); SGD's is the identity, returned as ``None``.  Inner products in this metric
+    say whether the step the optimizer actually takes descends a loss (see
+    :func:`domainbed_fish.idgm.bounded_gamma`).
+    """
+    if isinstance(optimizer, torch.optim.SGD) or not isinstance(optimizer, torch.optim.Adam):
+        return None
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    metric = []
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            group = group_of[id(p)]
+            beta2, eps = group["betas"][1], group["eps"]
+            state = optimizer.state.get(p, {})
+            step = float(state["step"]) + 1 if "step" in state else 1.0
+            v = g.square().mul_(1 - beta2)
+            if "exp_avg_sq" in state:
+                v.add_(state["exp_avg_sq"], alpha=beta2)
+            if group.get("amsgrad") and "max_exp_avg_sq" in state:
+                torch.maximum(v, state["max_exp_avg_sq"], out=v)
+            metric.append(v.div_(1 - beta2**step).sqrt_().add_(eps).reciprocal_())
+    return metric

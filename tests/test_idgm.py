@@ -3,6 +3,8 @@ differences; its annealing, checks and checkpoints."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import assert_resumes_identically, domain_minibatches, idgm_config, tiny_net
@@ -11,6 +13,7 @@ from test_gradients import brute_force_gip
 from domainbed_fish.errors import NonFiniteLossError
 from domainbed_fish.gradients import per_domain_gradients, per_domain_losses
 from domainbed_fish.idgm import IDGMUpdater, idgm_gradient, idgm_objective
+from domainbed_fish.optim import step_metric
 
 GAMMA = 0.7
 INF = float("inf")
@@ -125,6 +128,57 @@ def test_bound_lowers_gamma_to_keep_the_penalty_within_rho_of_the_erm_gradient(b
         assert sum((m * got).sum() for m, got in zip(mean, result.grads)).item() > 0
     if bound == 1e6:  # never active: the fixed-γ gradient
         assert result.gamma.item() == GAMMA
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_step_metric_is_the_scaling_of_adams_next_step(amsgrad):
+    """With β₁ = 0 Adam's step is exactly −lr·W·g, W = step_metric(...), at every step."""
+    net = tiny_net()
+    params = list(net.parameters())
+    opt = torch.optim.Adam(params, lr=0.01, betas=(0.0, 0.999), amsgrad=amsgrad)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 10 ** torch.randn((), generator=gen) for p in params]
+        weights = step_metric(opt, params, grads)
+        before = [p.detach().clone() for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for p, b, g, w in zip(params, before, grads, weights):
+            torch.testing.assert_close(p.detach(), b - 0.01 * w * g, rtol=1e-9, atol=1e-12)
+
+
+def test_step_metric_of_sgd_is_the_identity():
+    net = tiny_net()
+    params = list(net.parameters())
+    assert step_metric(torch.optim.SGD(params, lr=0.1, momentum=0.9), params, [torch.ones_like(p) for p in params]) is None
+
+
+def test_bound_in_the_optimizer_metric_makes_adams_step_descend_the_erm_loss():
+    """The Euclidean bound only guarantees Ḡ·(Ḡ − γ_t∇Ĝ) > 0; Adam then rescales each
+    coordinate, and its step can climb L_erm.  Measured in Adam's metric W, the step W·g
+    it takes keeps Ḡ·W(Ḡ − γ_t∇Ĝ) ≥ (1 − ρ)‖Ḡ‖²_W."""
+    rho = 0.5
+    worst = {"euclidean": INF, "optimizer": INF}
+    for seed in range(6):
+        torch.manual_seed(seed)
+        net, batches = tiny_net(seed=seed), domain_minibatches(num_domains=3, seed=seed)
+        params = list(net.parameters())
+        opt = torch.optim.Adam(params, lr=0.01, betas=(0.0, 0.999))
+        for _ in range(3):  # give Adam a second moment from other gradients
+            for p in params:
+                p.grad = torch.randn_like(p) * 10 ** (2 * torch.randn_like(p))
+            opt.step()
+        mean = idgm_gradient(per_domain_losses(net, batches), params, 0.0).grads
+        weights = step_metric(opt, params, mean)
+        w_norm2 = sum((w * m * m).sum() for w, m in zip(weights, mean)).item()
+        for kind in worst:
+            metric = functools.partial(step_metric, opt, params) if kind == "optimizer" else None
+            result = idgm_gradient(per_domain_losses(net, batches), params, 1e6, rho, metric)
+            descent = sum((m * w * g).sum() for m, w, g in zip(mean, weights, result.grads)).item()
+            worst[kind] = min(worst[kind], descent / w_norm2)
+    assert worst["optimizer"] >= 1 - rho - 1e-9
+    assert worst["euclidean"] < 1 - rho  # the Euclidean bound does not give this guarantee
 
 
 def test_bound_keeps_adam_from_diverging_where_fixed_gamma_does():

@@ -49,7 +49,7 @@ def step_metric(
     say whether the step the optimizer actually takes descends a loss (see
     :func:`domainbed_fish.idgm.bounded_gamma`).
     """
-    if isinstance(optimizer, torch.optim.SGD) or not isinstance(optimizer, torch.optim.Adam):
+    if not isinstance(optimizer, torch.optim.Adam):  # SGD (and anything else): plain norms
         return None
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     metric = []

@@ -12,6 +12,7 @@ from test_gradients import brute_force_gip
 
 from domainbed_fish.errors import NonFiniteLossError
 from domainbed_fish.gradients import per_domain_gradients, per_domain_losses
+from domainbed_fish.hparams import IDGM_HPARAMS, IDGMConfig
 from domainbed_fish.idgm import IDGMUpdater, idgm_gradient, idgm_objective
 from domainbed_fish.optim import step_metric
 
@@ -179,6 +180,17 @@ def test_bound_in_the_optimizer_metric_makes_adams_step_descend_the_erm_loss():
             worst[kind] = min(worst[kind], descent / w_norm2)
     assert worst["optimizer"] >= 1 - rho - 1e-9
     assert worst["euclidean"] < 1 - rho  # the Euclidean bound does not give this guarantee
+
+
+def test_runs_saved_before_the_bound_metric_existed_keep_the_euclidean_bound():
+    """Checkpoints and ``results.jsonl`` written before ``idgm_bound_metric`` lack it; they
+    load, and resume with the bound they were trained with."""
+    hparams = {s.name: s.default for s in IDGM_HPARAMS if s.name != "idgm_bound_metric"}
+    hparams.update(lr=1e-3, weight_decay=0.0)
+    assert IDGMConfig.from_hparams(hparams).bound_metric == "euclidean"
+    assert idgm_config().bound_metric == "optimizer"  # new runs get the metric bound
+    with pytest.raises(ValueError, match="missing hyperparameters \\['idgm_gamma'\\]"):
+        IDGMConfig.from_hparams({k: v for k, v in hparams.items() if k != "idgm_gamma"})
 
 
 def test_bound_keeps_adam_from_diverging_where_fixed_gamma_does():

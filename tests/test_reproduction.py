@@ -119,6 +119,7 @@ def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainb
         assert entry["weights"]["heldout"] == [0.0, 0.0]  # never trained: stays at its zero init (mean, SE)
     report = (out / "report.md").read_text()
     assert "| Fish |" in report and "## The paper's findings, as measured here" in report
+    assert "this invocation ran 11 of the 11 jobs in" in report
     assert (out / "figure4_accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
     # DomainBed's own collect_results reads the runs
     collected = subprocess.run([PYTHON, "-m", "domainbed.scripts.collect_results", "--input_dir", str(out / "runs")],
@@ -129,6 +130,10 @@ def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainb
     again = subprocess.run([*command, "--dry_run"], capture_output=True, text=True, timeout=600, cwd=REPO,
                            env=subprocess_env())
     assert "11 jobs, 11 already done" in again.stdout
+    rewritten = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=subprocess_env())
+    assert rewritten.returncode == 0, rewritten.stderr[-3000:]
+    assert "ran 0 of the 11 jobs in" in (out / "report.md").read_text()
+    assert "(11 were already done, from an earlier invocation)" in (out / "report.md").read_text()
 
 
 def test_alignment_is_the_gip_and_the_mean_pairwise_cosine():

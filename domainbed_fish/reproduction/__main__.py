@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         f"on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__}; "
         + ("written from the runs present (--report_only)." if args.report_only
-           else f"this invocation ran its jobs in {elapsed / 60:.1f} min."),
+           else f"this invocation ran {len(jobs) - done} of the {len(jobs)} jobs in {elapsed / 60:.1f} min"
+                + (f" ({done} were already done, from an earlier invocation)." if done else ".")),
     ]
     print("writing the report (measuring Ĝ from checkpoints) …")
     write_report(output_dir, preset, header)

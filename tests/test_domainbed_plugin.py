@@ -249,6 +249,7 @@ BAD_HPARAMS = [
     ("IDGM", "idgm_gamma", -0.1, r"'idgm_gamma' = -0\.1 is invalid: allowed a finite idgm_gamma >= 0"),
     ("IDGM", "idgm_optimizer", "rmsprop", r"'idgm_optimizer' = 'rmsprop' is invalid: allowed one of 'adam', 'amsgrad', 'sgd'"),
     ("IDGM", "idgm_penalty_anneal_iters", 2.5, r"'idgm_penalty_anneal_iters' = 2\.5 is invalid"),
+    ("IDGM", "idgm_bound_metric", "adam", r"'idgm_bound_metric' = 'adam' is invalid: allowed one of 'optimizer', 'euclidean'"),
 ]
 
 

@@ -128,9 +128,8 @@ def _choice(hparams: Mapping[str, Any], name: str, choices: tuple[str, ...]) -> 
     return value
 
 
-def _require(hparams: Mapping[str, Any], specs: tuple[HParam, ...], extra: tuple[str, ...],
-             optional: Mapping[str, Any] | None = None):
-    missing = [n for n in (*extra, *(s.name for s in specs)) if n not in hparams and n not in (optional or {})]
+def _require(hparams: Mapping[str, Any], specs: tuple[HParam, ...], extra: tuple[str, ...]):
+    missing = [n for n in (*extra, *(s.name for s in specs)) if n not in hparams]
     if missing:
         raise ValueError(
             f"missing hyperparameters {missing}: build them with DomainBed's "
@@ -208,8 +207,8 @@ class IDGMConfig:
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> IDGMConfig:
         """Validate DomainBed-style ``hparams``; raise ``ValueError`` naming the culprit."""
-        _require(hparams, IDGM_HPARAMS, ("lr", "weight_decay"), IDGM_ADDED_LATER)
         hparams = {**IDGM_ADDED_LATER, **hparams}
+        _require(hparams, IDGM_HPARAMS, ("lr", "weight_decay"))
         gamma = _number(hparams, "idgm_gamma")
         if gamma < 0 or math.isinf(gamma):
             raise _bad("idgm_gamma", hparams["idgm_gamma"], "a finite idgm_gamma >= 0")

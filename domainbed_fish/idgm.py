@@ -50,7 +50,8 @@ def _global_norm(tensors: Sequence[Tensor], metric: Sequence[Tensor] | None = No
     """‖x‖, or ‖x‖_W = (Σ W x²)^½ for a diagonal ``metric`` W."""
     if metric is None:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
-    weighted = torch._foreach_mul(torch._foreach_mul(list(tensors), list(tensors)), list(metric))
+    weighted = torch._foreach_mul(list(tensors), list(tensors))
+    torch._foreach_mul_(weighted, list(metric))
     return torch.stack([w.sum() for w in weighted]).sum().sqrt()
 
 

@@ -14,22 +14,19 @@ Notation, per channel, over its ``M`` elements (batch × spatial positions):
     y = γ·x̂ + β.
 
 Values, running statistics and first derivatives are PyTorch's own; only the
-derivative of the backward pass is replaced.  :func:`analytic_batch_norm_grad`
-switches it on for the ``F.batch_norm`` calls made inside it (modules in eval
-mode, e.g. DomainBed's ``freeze_bn``, are left to PyTorch: they are affine).
+derivative of the backward pass is replaced.  :mod:`domainbed_fish.second_order`
+routes train-mode ``F.batch_norm`` calls here (modules in eval mode, e.g.
+DomainBed's ``freeze_bn``, are left to PyTorch: they are affine).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
-from torch.overrides import TorchFunctionMode
 
 
 def _per_channel(t: Tensor, ndim: int) -> Tensor:
@@ -158,30 +155,3 @@ def batch_norm_train(x: Tensor, running_mean: Tensor | None, running_var: Tensor
     if x.numel() // x.size(1) <= 1:  # PyTorch's own error for one value per channel
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
     return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps)
-
-
-_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-
-
-class _AnalyticBatchNormMode(TorchFunctionMode):
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            call = {**dict(zip(_BATCH_NORM_ARGS, args, strict=False)), **kwargs}
-            if call.get("training", False):
-                return batch_norm_train(
-                    call["input"], call.get("running_mean"), call.get("running_var"), call.get("weight"),
-                    call.get("bias"), call.get("momentum", 0.1), call.get("eps", 1e-5),
-                )
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def analytic_batch_norm_grad() -> Iterator[None]:
-    """Inside, train-mode ``F.batch_norm`` (every ``nn.BatchNorm*`` in training mode)
-    gets the closed-form second derivative of :func:`batch_norm_double_backward`.
-
-    Only the graph built inside matters: a backward run later still uses it.
-    """
-    with _AnalyticBatchNormMode():
-        yield

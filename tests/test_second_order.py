@@ -1,0 +1,147 @@
+"""Convolution and ReLU with explicit second derivatives, against PyTorch's own,
+and the context that routes a network's layers to them inside IDGM's step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import idgm_config
+from torch import nn
+
+from domainbed_fish.convolution import convolution
+from domainbed_fish.gradients import per_domain_losses
+from domainbed_fish.idgm import IDGMUpdater, idgm_gradient
+from domainbed_fish.relu import relu
+from domainbed_fish.second_order import cheap_double_backward
+
+# (input shape, weight shape, geometry): strided, padded, dilated, grouped, 1-D, 3-D, 1×1.
+CONV_CASES = [
+    ((3, 4, 9, 9), (6, 4, 3, 3), dict(stride=2, padding=1)),
+    ((2, 4, 8, 8), (6, 2, 3, 3), dict(padding=(1, 2), dilation=2, groups=2)),
+    ((2, 3, 11), (5, 3, 4), dict(stride=3)),
+    ((2, 2, 5, 4, 4), (3, 2, 2, 3, 2), dict(stride=(1, 2, 1), padding=1)),
+    ((2, 4, 7, 7), (8, 4, 1, 1), {}),
+]
+PYTORCH_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def _conv_inputs(shape, weight_shape, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(*weight_shape, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(weight_shape[0], generator=g, dtype=torch.float64).requires_grad_() if bias else None
+    return x, w, b
+
+
+def _value_grads_and_double_backward(fn, inputs):
+    """y, ∇ of a non-linear loss of y, and the gradient of ⟨∇, random seeds⟩."""
+    y = fn(*inputs)
+    outer = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    grads = torch.autograd.grad((outer.sin() * y * y).sum(), inputs, create_graph=True)
+    seeds = [torch.randn(g.shape, generator=torch.Generator().manual_seed(10 + i), dtype=g.dtype)
+             for i, g in enumerate(grads)]
+    return [y, *grads, *torch.autograd.grad(grads, inputs, seeds)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("shape", "weight_shape", "geometry"), CONV_CASES)
+def test_convolution_matches_pytorch_to_second_order(shape, weight_shape, geometry, bias):
+    x, w, b = _conv_inputs(shape, weight_shape, bias)
+    inputs = [t for t in (x, w, b) if t is not None]
+
+    def ours(*t):
+        return convolution(t[0], t[1], t[2] if bias else None, **geometry)
+
+    def pytorchs(*t):
+        return PYTORCH_CONV[len(shape)](t[0], t[1], t[2] if bias else None, **geometry)
+
+    expected = _value_grads_and_double_backward(pytorchs, inputs)
+    got = _value_grads_and_double_backward(ours, inputs)
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-11)
+    assert min(t.abs().max() for t in expected) > 1e-2  # not a comparison of zeros
+
+
+@pytest.mark.parametrize(("shape", "weight_shape", "geometry"), CONV_CASES[:3])
+def test_convolution_gradgradcheck(shape, weight_shape, geometry):
+    inputs = _conv_inputs(shape, weight_shape, bias=True)
+    assert torch.autograd.gradgradcheck(lambda *t: convolution(*t, **geometry), inputs)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu_matches_pytorch_to_second_order(inplace):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64).requires_grad_()
+
+    def network(act):
+        # The pre-activation is a fresh tensor, so the in-place variant is legal.
+        return lambda weight: act(x0 @ weight, inplace=inplace)
+
+    expected = _value_grads_and_double_backward(network(F.relu), [w])
+    got = _value_grads_and_double_backward(network(relu), [w])
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert (expected[0] == 0).any() and (expected[0] > 0).any()  # both sides of the kink
+
+
+def test_relu_second_derivative_materialises_no_zeros():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = relu(x)
+    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    assert type(gx.grad_fn).__name__ != "ThresholdBackwardBackward0"
+    assert torch.autograd.gradgradcheck(relu, (torch.randn(7, dtype=torch.float64, requires_grad=True),))
+
+
+def test_context_routes_layers_and_leaves_the_rest_to_pytorch():
+    conv, same = nn.Conv2d(2, 3, 3, padding=1).double(), nn.Conv2d(2, 3, 3, padding="same").double()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with cheap_double_backward():
+        routed = [conv(x), F.relu(x.requires_grad_()), torch.relu(x), nn.ReLU(inplace=True)(x * 1)]
+        unrouted = [same(x), conv(x[0]), torch.tanh(x)]
+    names = [type(t.grad_fn).__name__ for t in routed]
+    assert names == ["_ConvolutionBackward", "_ReLUBackward", "_ReLUBackward", "_ReLUBackward"]
+    assert [type(t.grad_fn).__name__ for t in unrouted] == [
+        "ConvolutionBackward0", "SqueezeBackward1", "TanhBackward0"]
+    assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"  # outside: PyTorch's
+
+
+def _conv_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3),
+    ).double()
+
+
+def _image_batches(num_domains=3, batch=5):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(batch, 2, 4, 4, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (batch,), generator=g)) for _ in range(num_domains)]
+
+
+def test_idgm_gradient_of_a_conv_net_is_pytorchs():
+    batches = _image_batches()
+    results = []
+    for routed in (False, True):
+        net = _conv_net()
+        if routed:
+            with cheap_double_backward():
+                losses = per_domain_losses(net, batches)
+        else:
+            losses = per_domain_losses(net, batches)
+        results.append(idgm_gradient(losses, list(net.parameters()), 0.7).grads)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    plain = idgm_gradient(per_domain_losses(_conv_net(), batches), list(_conv_net().parameters()), 0.0).grads
+    assert max((a - b).abs().max() for a, b in zip(results[1], plain)) > 1e-3  # the penalty matters here
+
+
+def test_idgm_step_builds_its_graph_through_the_routed_layers():
+    net = _conv_net()
+    seen = []
+    for index in (0, 1, 2, 3):
+        net[index].register_forward_hook(lambda module, args, out: seen.append(type(out.grad_fn).__name__))
+    IDGMUpdater(net, idgm_config(idgm_gamma=0.7, idgm_penalty_anneal_iters=0)).step(_image_batches())
+    assert seen == ["_ConvolutionBackward", "_BatchNormTrainBackward", "_ReLUBackward", "_ConvolutionBackward"] * 3

@@ -22,7 +22,8 @@ u, v, c of g_x, g_w, g_b and Φ = ⟨u, g_x⟩ + ⟨v, g_w⟩ + ⟨c, g_b⟩:
     ∂Φ/∂x = ∂⟨g, conv(x, v)⟩/∂x                 (the input gradient of conv(·, v) at g)
 
 Values and first derivatives are PyTorch's own kernels; only the derivative of
-the backward pass is replaced.
+the backward pass is replaced, and for 1×1 convolutions on a CPU the kernel is
+chosen (:func:`_pointwise_on_onednn`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,25 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 
+def _pointwise_on_onednn(x: Tensor, weight: Tensor, geometry: tuple) -> bool:
+    """Whether this is a 1×1 convolution (stride 1, no padding, one group) of float32 images on a CPU.
+
+    For those PyTorch's heuristic picks its reference ``thnn`` kernel on one thread at
+    batch < 16, IDGM's per-domain case; oneDNN's computes the forward pass and the input
+    gradient about twice as fast there (measured on ResNet-50's shapes, batch 8).  A 1×1
+    convolution's input gradient is the 1×1 convolution with the transposed weight, so
+    both run on ``torch.mkldnn_convolution``.
+    """
+    stride, padding, _, groups = geometry
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and groups == 1
+            and weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+            and torch.backends.mkldnn.is_available())
+
+
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, geometry: tuple) -> Tensor:
     stride, padding, dilation, groups = geometry
+    if _pointwise_on_onednn(x, weight, geometry):
+        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
     return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
 
 
@@ -44,10 +62,17 @@ def _conv_backward(g: Tensor, x: Tensor, weight: Tensor, geometry: tuple,
                    mask: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
     """PyTorch's own backward of ``conv(x, weight)`` at output gradient ``g``, for the parts in ``mask``."""
     stride, padding, dilation, groups = geometry
+    g_x = None
+    if mask[0] and _pointwise_on_onednn(x, weight, geometry):
+        g_x = _conv(g, weight.transpose(0, 1).contiguous(), None, geometry)
+        mask = (False, mask[1], mask[2])
+    if not any(mask):
+        return g_x, None, None
     bias_sizes = [weight.size(0)] if mask[2] else None
-    return torch.ops.aten.convolution_backward(
+    grads = torch.ops.aten.convolution_backward(
         g, x, weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups, list(mask)
     )
+    return (grads[0] if g_x is None else g_x), grads[1], grads[2]
 
 
 class _ConvolutionBackward(torch.autograd.Function):

@@ -8,7 +8,9 @@ explicit second derivative:
 - train-mode batch norm (:mod:`domainbed_fish.batchnorm`): a closed form instead
   of about 34 full-size products per layer;
 - convolution (:mod:`domainbed_fish.convolution`): four plain convolution passes
-  instead of batch/channel-swapped copies and transposed convolutions;
+  instead of batch/channel-swapped copies and transposed convolutions, and oneDNN
+  for 1×1 convolutions on a CPU, where PyTorch picks its slower reference kernel
+  at IDGM's per-domain batch sizes;
 - ReLU (:mod:`domainbed_fish.relu`): no materialised zero gradient.
 
 Inside :func:`cheap_double_backward` the functional calls that modules make

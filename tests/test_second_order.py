@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import idgm_config
 from torch import nn
 
-from domainbed_fish.convolution import convolution
+from domainbed_fish.convolution import _pointwise_on_onednn, convolution
 from domainbed_fish.gradients import per_domain_losses
 from domainbed_fish.idgm import IDGMUpdater, idgm_gradient
 from domainbed_fish.relu import relu
@@ -37,9 +37,9 @@ def _conv_inputs(shape, weight_shape, bias, seed=0):
 def _value_grads_and_double_backward(fn, inputs):
     """y, ∇ of a non-linear loss of y, and the gradient of ⟨∇, random seeds⟩."""
     y = fn(*inputs)
-    outer = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    outer = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
     grads = torch.autograd.grad((outer.sin() * y * y).sum(), inputs, create_graph=True)
-    seeds = [torch.randn(g.shape, generator=torch.Generator().manual_seed(10 + i), dtype=g.dtype)
+    seeds = [torch.randn(g.shape, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64).to(g.dtype)
              for i, g in enumerate(grads)]
     return [y, *grads, *torch.autograd.grad(grads, inputs, seeds)]
 
@@ -67,6 +67,65 @@ def test_convolution_matches_pytorch_to_second_order(shape, weight_shape, geomet
 def test_convolution_gradgradcheck(shape, weight_shape, geometry):
     inputs = _conv_inputs(shape, weight_shape, bias=True)
     assert torch.autograd.gradgradcheck(lambda *t: convolution(*t, **geometry), inputs)
+
+
+requires_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def _geometry(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    return stride, padding, dilation, groups
+
+
+@requires_onednn
+def test_only_cpu_float32_pointwise_convolutions_take_onednn():
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 1, 1)
+    assert _pointwise_on_onednn(x, w, _geometry())
+    assert _pointwise_on_onednn(x, w, _geometry(dilation=(2, 2)))  # no effect on a 1×1 kernel
+    assert not _pointwise_on_onednn(x.double(), w.double(), _geometry())
+    assert not _pointwise_on_onednn(x, torch.randn(6, 4, 3, 3), _geometry())
+    assert not _pointwise_on_onednn(x, w, _geometry(stride=(2, 2)))
+    assert not _pointwise_on_onednn(x, w, _geometry(padding=(1, 0)))
+    assert not _pointwise_on_onednn(x, torch.randn(6, 2, 1, 1), _geometry(groups=2))
+    assert not _pointwise_on_onednn(torch.randn(2, 4, 5), torch.randn(6, 4, 1), ((1,), (0,), (1,), 1))
+
+
+@requires_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_convolution_on_onednn_matches_pytorch_to_second_order(bias):
+    """The float32 1×1 path (oneDNN for the forward pass and input gradients) against
+    PyTorch's double backward in float64."""
+    x, w, b = _conv_inputs((3, 8, 5, 5), (6, 8, 1, 1), bias)
+    inputs64 = [t for t in (x, w, b) if t is not None]
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs64]
+    expected = _value_grads_and_double_backward(lambda *t: F.conv2d(*t), inputs64)
+    got = _value_grads_and_double_backward(lambda *t: convolution(*t), inputs32)
+    for a, e in zip(got, expected, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+    assert min(t.abs().max() for t in expected) > 1e-2
+
+
+@requires_onednn
+def test_pointwise_convolution_avoids_the_reference_kernel():
+    """What the path is for: at batch < 16 on one thread PyTorch runs 1×1 convolutions on
+    its reference kernel (``_slow_conv2d_*``); this path's forward, input gradients and
+    double backward use oneDNN, and only the weight gradient stays PyTorch's choice."""
+    from torch.profiler import profile
+
+    x = torch.randn(8, 16, 6, 6, requires_grad=True)
+    w = torch.randn(32, 16, 1, 1, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with profile() as prof:
+            y = convolution(x, w)
+            gx, gw = torch.autograd.grad(y.square().sum(), (x, w), create_graph=True)
+            torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w))
+    finally:
+        torch.set_num_threads(threads)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("aten::mkldnn_convolution", 0) >= 5  # y, g_x, and three in the double backward
+    assert "aten::_slow_conv2d_forward" not in calls
 
 
 @pytest.mark.parametrize("inplace", [False, True])

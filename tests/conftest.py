@@ -7,6 +7,7 @@ still run.  Provide DomainBed with DOMAINBED_DIR=/path/to/DomainBed.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -125,6 +126,26 @@ SWEEP_ARGS = [
     "--steps", "5", "--checkpoint_freq", "2", "--test_envs", "0", "--skip_confirmation",
     "--hparams", '{"batch_size": 8, "gip_every": 2, "idgm_penalty_anneal_iters": 2}',
 ]
+
+
+def assert_routing_keeps_idgm_gradient(make_net, batches, gamma: float = 0.7) -> None:
+    """IDGM's gradient is the same (to 1e-10) whether the network's graph was built inside
+    ``cheap_double_backward`` or by PyTorch alone, and differs from ERM's."""
+    from domainbed_fish.gradients import per_domain_losses
+    from domainbed_fish.idgm import idgm_gradient
+    from domainbed_fish.second_order import cheap_double_backward
+
+    def gradient(routed: bool, weight: float) -> list[torch.Tensor]:
+        net = make_net()
+        with cheap_double_backward() if routed else contextlib.nullcontext():
+            losses = per_domain_losses(net, batches)
+        return idgm_gradient(losses, list(net.parameters()), weight).grads
+
+    routed = gradient(True, gamma)
+    for a, b in zip(routed, gradient(False, gamma), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    erm = gradient(False, 0.0)
+    assert max((a - b).abs().max() for a, b in zip(routed, erm, strict=True)) > 1e-3  # the penalty matters
 
 
 def sweep_env(**extra: str) -> dict[str, str]:

@@ -22,8 +22,9 @@ u, v, c of g_x, g_w, g_b and Φ = ⟨u, g_x⟩ + ⟨v, g_w⟩ + ⟨c, g_b⟩:
     ∂Φ/∂x = ∂⟨g, conv(x, v)⟩/∂x                 (the input gradient of conv(·, v) at g)
 
 Values and first derivatives are PyTorch's own kernels; only the derivative of
-the backward pass is replaced, and for 1×1 convolutions on a CPU the kernel is
-chosen (:func:`_pointwise_on_onednn`).
+the backward pass is replaced (differentiable twice, which is what IDGM needs,
+not three times), and for 1×1 convolutions on a CPU the kernel is chosen
+(:func:`_pointwise_on_onednn`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, geometry: tuple) -> Te
 
 def _conv_backward(g: Tensor, x: Tensor, weight: Tensor, geometry: tuple,
                    mask: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
-    """PyTorch's own backward of ``conv(x, weight)`` at output gradient ``g``, for the parts in ``mask``."""
+    """The backward of ``conv(x, weight)`` at output gradient ``g``, for the parts in ``mask``:
+    PyTorch's ``convolution_backward``, except a pointwise input gradient on oneDNN."""
     stride, padding, dilation, groups = geometry
     g_x = None
     if mask[0] and _pointwise_on_onednn(x, weight, geometry):

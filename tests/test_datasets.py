@@ -12,7 +12,7 @@ from conftest import PYTHON, subprocess_env
 
 from domainbed_fish import registry
 from domainbed_fish.datasets.cdsprites import MIN_COLOUR_DISTANCE, build_cdsprites, max_per_domain
-from domainbed_fish.datasets.sprites import SpriteLatents, rasterise
+from domainbed_fish.datasets.sprites import SPRITES_PER_SHAPE, SpriteLatents, rasterise
 from domainbed_fish.datasets.toy import expected_heldout_accuracy, toy_domain
 
 # --------------------------------------------------------------------------- sprites
@@ -33,6 +33,21 @@ def test_sprites_are_binary_centred_and_scale_with_the_scale_latent():
         rows, cols = mask.nonzero(as_tuple=True)
         box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
         assert mask.sum().item() / box.item() == pytest.approx(fill, abs=0.08)
+
+
+def test_pixel_count_does_not_give_the_label_away():
+    rng = np.random.default_rng(0)
+    latents = SpriteLatents.concatenate(
+        [SpriteLatents.from_flat_index(s, rng.permutation(SPRITES_PER_SHAPE)[:1500]) for s in (0, 1)]
+    )
+    counts = rasterise(latents).flatten(1).sum(1).numpy()
+    labels = latents.shape
+    for scale in range(6):  # same area at every scale, to within rasterisation
+        square, ellipse = (counts[(labels == s) & (latents.scale == scale)].mean() for s in (0, 1))
+        assert ellipse == pytest.approx(square, rel=0.03)
+    # the best rule "label = [count > t]" or "[count ≤ t]" is near chance (66.6% with the old ellipse)
+    best = max(max(((counts > t) == labels).mean(), ((counts <= t) == labels).mean()) for t in np.unique(counts))
+    assert best < 0.56
 
 
 def test_sprite_position_moves_the_mask():
@@ -86,15 +101,17 @@ def test_colour_predicts_the_label_in_training_domains_only(cdsprites5):
 
 
 def test_shape_is_the_label(cdsprites5):
-    # squares fill their bounding box, ellipses do not: the label is visible in the mask
+    # a square's pixels spread equally in every direction, an ellipse's along its long
+    # axis ((1.5 / 0.85)² ≈ 3.1 times more): the label is visible in the mask alone
     env = cdsprites5[0]
-    fill = []
+    elongation = []
     for mask in env.masks[:60]:
-        rows, cols = mask.nonzero(as_tuple=True)
-        fill.append(mask.sum().item() / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)).item())
-    fill = torch.tensor(fill)
+        points = mask.nonzero().double()
+        low, high = torch.linalg.eigvalsh(torch.cov(points.T))
+        elongation.append((high / low).item())
+    elongation = torch.tensor(elongation)
     labels = env.labels[:60]
-    assert fill[labels == 1].mean() < fill[labels == 0].mean()
+    assert elongation[labels == 0].max() < 1.5 < 2.2 < elongation[labels == 1].min()
 
 
 def test_cdsprites_is_deterministic_and_the_seed_matters():

@@ -28,7 +28,7 @@ BOUND_METRICS = ("optimizer", "euclidean")
 
 #: IDGM hyperparameters newer than saved runs and checkpoints, with the value that gives
 #: those runs the behaviour they were trained with (so they load and resume unchanged).
-IDGM_ADDED_LATER: dict[str, Any] = {"idgm_bound_metric": "euclidean"}
+IDGM_ADDED_LATER: dict[str, Any] = {"idgm_bound_metric": "euclidean", "idgm_gip_metric": "euclidean"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ IDGM_HPARAMS: tuple[HParam, ...] = (
            "norms of the bound: 'optimizer' measures Ḡ and ∇Ĝ in the metric of the step the "
            "optimizer takes (Adam's 1/(√v̂ + eps) per coordinate), so that step descends L_erm; "
            "'euclidean': plain norms, which only SGD's step respects"),
+    HParam("idgm_gip_metric", "euclidean", _fixed("euclidean"),
+           "inner product of Ĝ: 'euclidean', the paper's G_i·G_j; 'optimizer', G_iᵀWG_j in the "
+           "metric W of the optimizer's step (Adam's 1/(√v̂ + eps), held constant), the "
+           "alignment Fish with an inner Adam rewards (idgm.metric_gip); SGD: the same as 'euclidean'"),
     HParam("idgm_penalty_anneal_iters", 500, lambda r: int(10 ** r.uniform(0, 4)),
            "steps of plain ERM (γ = 0) before the penalty switches on, with an optimizer "
            "reset at the switch, as DomainBed's IRM and VREx"),
@@ -203,6 +207,7 @@ class IDGMConfig:
     penalty_anneal_iters: int
     optimizer: str
     bound_metric: str = "optimizer"
+    gip_metric: str = "euclidean"
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> IDGMConfig:
@@ -230,6 +235,7 @@ class IDGMConfig:
             penalty_anneal_iters=_integer(hparams, "idgm_penalty_anneal_iters", 0),
             optimizer=_choice(hparams, "idgm_optimizer", OPTIMIZERS),
             bound_metric=_choice(hparams, "idgm_bound_metric", BOUND_METRICS),
+            gip_metric=_choice(hparams, "idgm_gip_metric", BOUND_METRICS),
         )
 
 

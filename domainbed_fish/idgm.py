@@ -80,6 +80,7 @@ def idgm_gradient(
     gamma: float,
     bound: float = float("inf"),
     metric: Callable[[Sequence[Tensor]], Sequence[Tensor] | None] | None = None,
+    gip_metric: Callable[[Sequence[Tensor]], Sequence[Tensor] | None] | None = None,
 ) -> IDGMGradient:
     """The gradient of the IDGM objective from the per-domain losses ``[L_1, …, L_S]``.
 
@@ -93,7 +94,8 @@ def idgm_gradient(
     ``bound`` ρ, γ is lowered to :func:`bounded_gamma` for this step, its norms taken
     in ``metric(Ḡ)`` (diagonal weights per parameter; Euclidean when absent).  With
     ``gamma == 0`` no graph is kept and this is ERM's gradient plus the
-    diagnostic Ĝ.
+    diagnostic Ĝ.  With ``gip_metric``, Ĝ is :func:`metric_gip` in the weights
+    ``gip_metric(Ḡ)``, held constant.
     """
     num_domains = len(losses)
     second_order = gamma != 0.0 and num_domains > 1
@@ -103,8 +105,9 @@ def idgm_gradient(
         summed = [g.detach() for g in grads[0]] if num_domains == 1 else torch._foreach_add(grads[0], grads[1])
         for g in grads[2:]:
             torch._foreach_add_(summed, g)
-        gip = _gip_from_sum(summed, grads)
         mean_grad = torch._foreach_div(summed, float(num_domains))
+        gip_weights = gip_metric(mean_grad) if gip_metric is not None else None
+        gip = _gip_from_sum(summed, grads, gip_weights)
     if second_order:
         scale = 2.0 / (num_domains * (num_domains - 1))
         seeds = []
@@ -112,6 +115,8 @@ def idgm_gradient(
             for g in grads:
                 seed = torch._foreach_sub(summed, g)
                 torch._foreach_mul_(seed, scale)
+                if gip_weights is not None:  # ∂Ĝ_W/∂G_s = W·2(Σ − G_s)/(S(S−1))
+                    torch._foreach_mul_(seed, list(gip_weights))
                 seeds += seed
         # Gradients that do not depend on θ (materialised zeros) have no graph to seed.
         pairs = [(t, seed) for t, seed in zip((t for g in grads for t in g), seeds, strict=True) if t.requires_grad]
@@ -131,13 +136,40 @@ def idgm_gradient(
     return IDGMGradient(grads=mean_grad, nll=nll, gip=gip, gamma=gamma_t, objective=nll - gamma_t * gip)
 
 
-def _gip_from_sum(summed: Sequence[Tensor], grads: Sequence[Sequence[Tensor]]) -> Tensor:
-    """Ĝ = (‖Σ_s G_s‖² − Σ_s ‖G_s‖²)/(S(S−1)) from the summed gradients (no graph)."""
+def metric_gip(grads: Sequence[Sequence[Tensor]], weights: Sequence[Tensor]) -> Tensor:
+    """Ĝ_W = 2/(S(S−1)) Σ_{i<j} G_iᵀ W G_j: the mean pairwise inner product in a diagonal metric W.
+
+    With W = 1/(√v̂ + eps), the scaling of Adam's next step (:func:`domainbed_fish.optim.step_metric`),
+    this is the alignment Fish with an inner Adam rewards.  Expanding Fish's outer step
+    to second order in the inner step α, as for the paper's Theorem 3.1 (Shi et al.,
+    ICLR 2022; PAPER.md §2) but with the inner step −αW g, the domains in a uniformly
+    random order, W constant over the S inner steps and no momentum
+    (checked in ``tests/test_idgm.py``):
+    E[θ̃ − θ] = −αSW ∇(L_erm − γ Ĝ_W) + O(α³) with γ = α(S − 1)/4.  Differentiable in
+    ``grads`` (W is a constant); with W = 1 it is :func:`~domainbed_fish.gradients.mean_pairwise_inner_product`.
+    """
+    num_domains = len(grads)
+    if num_domains < 2:
+        raise ValueError(f"the gradient inner product needs at least 2 domains, got {num_domains}")
+    total = 0.0
+    for i in range(num_domains):
+        for j in range(i + 1, num_domains):
+            total = total + sum((w * a * b).sum() for w, a, b in zip(weights, grads[i], grads[j], strict=True))
+    return total * (2.0 / (num_domains * (num_domains - 1)))
+
+
+def _gip_from_sum(
+    summed: Sequence[Tensor], grads: Sequence[Sequence[Tensor]], weights: Sequence[Tensor] | None = None
+) -> Tensor:
+    """Ĝ = (‖Σ_s G_s‖² − Σ_s ‖G_s‖²)/(S(S−1)) from the summed gradients (no graph); norms
+    in the diagonal metric ``weights`` when given."""
     num_domains = len(grads)
     if num_domains < 2:
         return summed[0].new_zeros(())
 
     def squared_norm(tensors: Sequence[Tensor]) -> Tensor:
+        if weights is not None:
+            return _global_norm(tensors, weights).square()
         return torch.stack(torch._foreach_norm(list(tensors))).square().sum()
 
     self_sq = sum(squared_norm(g) for g in grads)
@@ -188,8 +220,10 @@ class IDGMUpdater:
             losses = per_domain_losses(self.network, minibatches)
         self._check_finite(torch.stack([loss.detach() for loss in losses]), "loss")
         # The bound is measured in the metric of the step the optimizer will take.
-        metric = functools.partial(step_metric, self.optimizer, params) if c.bound_metric == "optimizer" else None
-        result = idgm_gradient(losses, params, gamma, c.penalty_bound, metric)
+        in_step_metric = functools.partial(step_metric, self.optimizer, params)
+        metric = in_step_metric if c.bound_metric == "optimizer" else None
+        gip_metric = in_step_metric if c.gip_metric == "optimizer" else None
+        result = idgm_gradient(losses, params, gamma, c.penalty_bound, metric, gip_metric)
         self._check_finite(result.objective.reshape(1), "objective L_erm − γĜ")
 
         for p, g in zip(params, result.grads, strict=True):

@@ -4,6 +4,7 @@ differences; its annealing, checks and checkpoints."""
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from test_gradients import brute_force_gip
 from domainbed_fish.errors import NonFiniteLossError
 from domainbed_fish.gradients import per_domain_gradients, per_domain_losses
 from domainbed_fish.hparams import IDGM_HPARAMS, IDGMConfig
-from domainbed_fish.idgm import IDGMUpdater, idgm_gradient, idgm_objective
+from domainbed_fish.idgm import IDGMUpdater, idgm_gradient, idgm_objective, metric_gip
 from domainbed_fish.optim import step_metric
 
 GAMMA = 0.7
@@ -182,12 +183,90 @@ def test_bound_in_the_optimizer_metric_makes_adams_step_descend_the_erm_loss():
     assert worst["euclidean"] < 1 - rho  # the Euclidean bound does not give this guarantee
 
 
+def _positive_weights(params, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(p.shape, generator=g, dtype=p.dtype) * 2 + 0.1 for p in params]
+
+
+@pytest.mark.parametrize("num_domains", [2, 3, 5])
+def test_metric_gip_gradient_matches_brute_force_pairs(num_domains):
+    net, batches = tiny_net(), domain_minibatches(num_domains=num_domains)
+    params = list(net.parameters())
+    weights = _positive_weights(params)
+    losses = per_domain_losses(net, batches)
+    grads = per_domain_gradients(losses, params, create_graph=True)
+    pairs = [sum((w * a * b).sum() for w, a, b in zip(weights, grads[i], grads[j]))
+             for i, j in itertools.combinations(range(num_domains), 2)]
+    brute_gip = torch.stack(pairs).mean()
+    expected = torch.autograd.grad(torch.stack(losses).mean() - GAMMA * brute_gip, params)
+
+    result = idgm_gradient(per_domain_losses(net, batches), params, GAMMA, gip_metric=lambda mean: weights)
+    assert result.gip.item() == pytest.approx(brute_gip.item(), rel=1e-12)
+    assert metric_gip(grads, weights).item() == pytest.approx(brute_gip.item(), rel=1e-12)
+    for a, b in zip(result.grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # a metric that is not the identity changes the gradient; the identity is the paper's Ĝ
+    euclidean = idgm_gradient(per_domain_losses(net, batches), params, GAMMA).grads
+    assert max((a - b).abs().max().item() for a, b in zip(result.grads, euclidean)) > 1e-4
+    ones = idgm_gradient(per_domain_losses(net, batches), params, GAMMA,
+                         gip_metric=lambda mean: [torch.ones_like(p) for p in params]).grads
+    for a, b in zip(ones, euclidean):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _fish_expected_displacement(net, batches, alpha, weights):
+    """E[θ̃ − θ] over every domain order, inner steps θ ← θ − α W g (a preconditioned
+    inner optimizer with its scaling W held fixed, as Adam's over a few steps)."""
+    params = list(net.parameters())
+    start = [p.detach().clone() for p in params]
+    total = [torch.zeros_like(p) for p in params]
+    orders = list(itertools.permutations(range(len(batches))))
+    for order in orders:
+        for d in order:
+            (loss,) = per_domain_losses(net, [batches[d]])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, w, g in zip(params, weights, grads):
+                    p -= alpha * w * g
+        with torch.no_grad():
+            for t, p, s0 in zip(total, params, start):
+                t += (p - s0) / len(orders)
+                p.copy_(s0)
+    return total
+
+
+def test_fish_with_a_preconditioned_inner_step_follows_the_metric_gip():
+    """Theorem 3.1's expansion with the inner step −αWg: E[θ̃ − θ] = −αSW∇(L_erm − γĜ_W)
+    + O(α³), γ = α(S − 1)/4.  The residual shrinks as α³ with Ĝ_W and only as α² with
+    the Euclidean Ĝ, so the objective Fish follows with Adam is IDGM in Adam's metric."""
+    net, batches = tiny_net(seed=2), domain_minibatches(num_domains=3, seed=4)
+    params = list(net.parameters())
+    weights = _positive_weights(params, seed=5)
+    num_domains = len(batches)
+
+    def residual(alpha, metric):
+        gamma = alpha * (num_domains - 1) / 4
+        gip_metric = (lambda mean: weights) if metric else None
+        grad = idgm_gradient(per_domain_losses(net, batches), params, gamma, gip_metric=gip_metric).grads
+        fish = _fish_expected_displacement(net, batches, alpha, weights)
+        predicted = [-alpha * num_domains * w * g for w, g in zip(weights, grad)]
+        return torch.cat([(f - p).flatten() for f, p in zip(fish, predicted)]).norm().item()
+
+    alpha = 0.02
+    metric_ratio = residual(alpha, True) / residual(alpha / 2, True)
+    euclidean_ratio = residual(alpha, False) / residual(alpha / 2, False)
+    assert 6.5 < metric_ratio < 9.5  # O(α³): halving α divides the residual by about 8
+    assert 3.0 < euclidean_ratio < 4.8  # O(α²): the Euclidean Ĝ misses a second-order term
+
+
 def test_runs_saved_before_the_bound_metric_existed_keep_the_euclidean_bound():
     """Checkpoints and ``results.jsonl`` written before ``idgm_bound_metric`` lack it; they
     load, and resume with the bound they were trained with."""
-    hparams = {s.name: s.default for s in IDGM_HPARAMS if s.name != "idgm_bound_metric"}
+    added_later = ("idgm_bound_metric", "idgm_gip_metric")
+    hparams = {s.name: s.default for s in IDGM_HPARAMS if s.name not in added_later}
     hparams.update(lr=1e-3, weight_decay=0.0)
     assert IDGMConfig.from_hparams(hparams).bound_metric == "euclidean"
+    assert IDGMConfig.from_hparams(hparams).gip_metric == "euclidean"
     assert idgm_config().bound_metric == "optimizer"  # new runs get the metric bound
     with pytest.raises(ValueError, match="missing hyperparameters \\['idgm_gamma'\\]"):
         IDGMConfig.from_hparams({k: v for k, v in hparams.items() if k != "idgm_gamma"})

@@ -259,7 +259,7 @@ CDSPRITES_HPARAMS: tuple[HParam, ...] = (
 #: room for IDGM's DomainBed-style warm-up, and the bounded penalty does not need one.
 #: Fish keeps DomainBed's environment order: a random order (the paper's CdSprites code,
 #: Theorem 3.1) left CdSprites-15 at chance after 250 steps through DomainBed's train
-#: script (48%, 50%, 49% over 3 seeds, against 77% for seed 0 in environment order;
+#: script (48%, 50%, 49% over 3 seeds, against 77%, 52%, 52% in environment order;
 #: README "Reproduction").
 CDSPRITES_ALGORITHM_HPARAMS: dict[str, tuple[HParam, ...]] = {
     "IDGM": (

@@ -72,6 +72,42 @@ def test_finished_jobs_are_skipped_and_interrupted_ones_restarted(tmp_path, monk
     assert len(calls) == 1 and calls[0][0] == PYTHON and "domainbed.scripts.train" in calls[0]
 
 
+def test_a_run_made_under_other_defaults_is_set_aside_and_run_again(domainbed, tmp_path, monkeypatch):
+    """The job key hashes what the preset passes; a changed registry default must not let
+    an old run through: it is moved to stale/ (kept) and the job runs again."""
+    current = TrainJob("CdSprites5", "Fish", 0, 5, 10, 5, {"batch_size": 8})
+    stale = TrainJob("CdSprites5", "Fish", 1, 5, 10, 5, {"batch_size": 8})
+    expected = jobs_module.expected_hparams(current)
+    assert expected["batch_size"] == 8
+    assert expected["fish_warmup_steps"] == domainbed.hparams_registry.default_hparams(
+        "Fish", "CdSprites5")["fish_warmup_steps"]
+    for job, hparams in ((current, expected), (stale, {**expected, "fish_warmup_steps": 0})):
+        run = jobs_module.run_dir(tmp_path, job)
+        run.mkdir(parents=True)
+        (run / "results.jsonl").write_text(json.dumps({"args": {}, "step": 10, "hparams": hparams}) + "\n")
+        (run / "done").write_text("done")
+    assert jobs_module.job_state(tmp_path, current) == "done"
+    assert jobs_module.job_state(tmp_path, stale) == "stale"
+    assert jobs_module.stale_differences(tmp_path, stale) == {
+        "fish_warmup_steps": (0, expected["fish_warmup_steps"])}
+
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        out = jobs_module.Path(command[command.index("--output_dir") + 1])
+        (out / "done").write_text("done")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(jobs_module.subprocess, "run", fake_run)
+    outcomes = jobs_module.run_jobs(tmp_path, [current, stale], workers=1)
+    assert [o.job.name for o in outcomes] == [stale.name] and len(calls) == 1
+    (kept,) = (tmp_path / "stale").iterdir()
+    assert kept.name.startswith(stale.name)
+    assert json.loads((kept / "results.jsonl").read_text())["hparams"]["fish_warmup_steps"] == 0
+    assert jobs_module.job_state(tmp_path, stale) == "done"  # the new run has no record to differ
+
+
 def test_a_failing_job_reports_its_error(tmp_path, monkeypatch):
     job = TrainJob("LinearToy", "ERM", 0, 2, 10, 5)
     monkeypatch.setattr(jobs_module.subprocess, "run",

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from domainbed_fish.reproduction.jobs import JobOutcome, is_done, run_jobs
+from domainbed_fish.reproduction.jobs import JobOutcome, job_state, run_jobs, stale_differences
 from domainbed_fish.reproduction.presets import PRESETS, get_preset
 from domainbed_fish.reproduction.report import REPORT_FILES, write_report
 
@@ -46,12 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     preset = get_preset(args.preset)
     jobs = preset.jobs()
     output_dir: Path = args.output_dir
-    done = sum(is_done(output_dir, job) for job in jobs)
-    print(f"preset {preset.name}: {len(jobs)} jobs, {done} already done, output in {output_dir}")
-    if args.dry_run:
-        for job in jobs:
-            print(("done  " if is_done(output_dir, job) else "to do ") + job.name)
-        return 0
 
     import domainbed_fish
     from domainbed_fish.locate import DomainBedNotFoundError
@@ -61,6 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     except DomainBedNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    states = {job.name: job_state(output_dir, job) for job in jobs}
+    done = sum(state == "done" for state in states.values())
+    print(f"preset {preset.name}: {len(jobs)} jobs, {done} already done, output in {output_dir}")
+    for job in jobs:
+        if states[job.name] == "stale":
+            changed = ", ".join(f"{name} {old!r} -> {new!r}"
+                                for name, (old, new) in stale_differences(output_dir, job).items())
+            print(f"stale: {job.name} was trained with other hyperparameters ({changed}); "
+                  + (f"left out of the report; a run without --{'dry_run' if args.dry_run else 'report_only'} "
+                     "moves it" if args.dry_run or args.report_only else "moving it")
+                  + f" to {output_dir / 'stale'} and runs the job again")
+    if args.dry_run:
+        for job in jobs:
+            print(f"{states[job.name]:<6}{job.name}")
+        return 0
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     failures: list[JobOutcome] = []

@@ -5,10 +5,16 @@ Each job writes to ``<output_dir>/runs/<name>/`` (DomainBed's ``results.jsonl``,
 --input_dir <output_dir>/runs`` reads them too.  A directory with ``done`` is
 finished and skipped; one without it is what a killed job left and is cleared
 and run again, because DomainBed's train script cannot resume.
+
+A job's directory name hashes what the preset passes, not the registry's defaults, so a
+finished run can predate a changed default.  Such a run is *stale*: the hyperparameters
+DomainBed recorded in its ``results.jsonl`` differ from what the job would resolve now.
+It is moved to ``<output_dir>/stale/`` (kept, never mixed into the report) and run again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,9 +23,15 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Literal
 
+from domainbed_fish.locate import import_domainbed
 from domainbed_fish.reproduction.presets import TrainJob
+from domainbed_fish.results import read_jsonl
+
+JobState = Literal["done", "stale", "to do"]
 
 
 def run_dir(output_dir: Path, job: TrainJob) -> Path:
@@ -28,6 +40,43 @@ def run_dir(output_dir: Path, job: TrainJob) -> Path:
 
 def is_done(output_dir: Path, job: TrainJob) -> bool:
     return (run_dir(output_dir, job) / "done").exists()
+
+
+def expected_hparams(job: TrainJob) -> dict[str, Any]:
+    """The hyperparameters DomainBed's train script resolves for ``job`` today (as JSON)."""
+    registry = import_domainbed("hparams_registry")
+    resolved = {**registry.default_hparams(job.algorithm, job.dataset), **job.hparams}
+    return json.loads(json.dumps(resolved))
+
+
+def recorded_hparams(output_dir: Path, job: TrainJob) -> dict[str, Any] | None:
+    """The hyperparameters a finished run was trained with (None: no record to compare)."""
+    path = run_dir(output_dir, job) / "results.jsonl"
+    records = read_jsonl(path) if path.exists() else []
+    return records[0].get("hparams") if records else None
+
+
+def job_state(output_dir: Path, job: TrainJob) -> JobState:
+    """'done', 'stale' (finished under other hyperparameters than the job resolves now) or 'to do'."""
+    if not is_done(output_dir, job):
+        return "to do"
+    recorded = recorded_hparams(output_dir, job)
+    return "stale" if recorded is not None and recorded != expected_hparams(job) else "done"
+
+
+def stale_differences(output_dir: Path, job: TrainJob) -> dict[str, tuple[Any, Any]]:
+    """For a stale run: each hyperparameter that differs, as (recorded, expected now)."""
+    recorded, expected = recorded_hparams(output_dir, job) or {}, expected_hparams(job)
+    return {name: (recorded.get(name), expected.get(name)) for name in sorted({*recorded, *expected})
+            if recorded.get(name) != expected.get(name)}
+
+
+def set_aside(output_dir: Path, job: TrainJob) -> Path:
+    """Move a stale run to ``<output_dir>/stale/<name>-<UTC time>`` and return where it went."""
+    target = output_dir / "stale" / f"{job.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run_dir(output_dir, job)), str(target))
+    return target
 
 
 @dataclass
@@ -68,8 +117,12 @@ def run_jobs(
     workers: int,
     progress: Callable[[JobOutcome], None] | None = None,
 ) -> list[JobOutcome]:
-    """Run the unfinished ``jobs``, ``workers`` at a time, each with its share of the cores."""
-    pending = [job for job in jobs if not is_done(output_dir, job)]
+    """Run the unfinished and stale ``jobs``, ``workers`` at a time, each with its share of the cores."""
+    states = {job.name: job_state(output_dir, job) for job in jobs}
+    for job in jobs:
+        if states[job.name] == "stale":
+            set_aside(output_dir, job)
+    pending = [job for job in jobs if states[job.name] != "done"]
     threads = max(1, (os.cpu_count() or 1) // workers)
     outcomes = []
     with ThreadPoolExecutor(max_workers=workers) as pool:

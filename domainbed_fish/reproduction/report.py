@@ -20,7 +20,7 @@ import torch
 from domainbed_fish.locate import import_domainbed
 from domainbed_fish.report import mean_se
 from domainbed_fish.reproduction.gip_trace import measure_trace, network_from_checkpoint
-from domainbed_fish.reproduction.jobs import is_done, run_dir
+from domainbed_fish.reproduction.jobs import job_state, run_dir
 from domainbed_fish.reproduction.presets import GIP_TRACE_ALGORITHMS, GIP_TRACE_N, Preset, TrainJob
 from domainbed_fish.results import read_jsonl
 
@@ -54,11 +54,11 @@ def toy_weights(run: Path) -> dict[str, float]:
 
 
 def collect(output_dir: Path, jobs: Sequence[TrainJob]) -> tuple[list[RunResult], list[TrainJob]]:
-    """Results of the finished jobs, and the jobs that have none."""
+    """Results of the finished jobs, and the jobs that have none (stale runs count as none)."""
     results, missing = [], []
     for job in jobs:
         run = run_dir(output_dir, job)
-        records = read_jsonl(run / "results.jsonl") if is_done(output_dir, job) else []
+        records = read_jsonl(run / "results.jsonl") if job_state(output_dir, job) == "done" else []
         if not records:
             missing.append(job)
             continue

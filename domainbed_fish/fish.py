@@ -157,10 +157,18 @@ class FishUpdater:
         ``order`` overrides the domain schedule for this step (used to average
         over all orders when checking Theorem 3.1).
         """
-        if self.num_updates < self.config.warmup_steps:
+        c = self.config
+        # Ĝ is traced on the same step grid through warm-up and Fish, so the trace
+        # is comparable with ERM's from step 0 (the paper's Figure 5).
+        gip = None
+        if c.gip_every and self.num_updates % c.gip_every == 0:
+            gip = self.measure_gip(minibatches)
+        if self.num_updates < c.warmup_steps:
             stats = self._erm_step(minibatches)
         else:
             stats = self._fish_step(minibatches, order)
+        if gip is not None:
+            stats["gip"] = gip
         self.num_updates += 1
         return stats
 
@@ -183,10 +191,6 @@ class FishUpdater:
         meta = model_state_tensors(self.network)
         inner = model_state_tensors(self.inner_network)
         stats: dict[str, float] = {}
-
-        fish_step_index = self.num_updates - c.warmup_steps
-        if c.gip_every and fish_step_index % c.gip_every == 0:
-            stats["gip"] = self.measure_gip(minibatches)
 
         copy_state_(inner, meta)
         if not c.reload_inner_state:

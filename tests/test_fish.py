@@ -183,20 +183,23 @@ def test_no_construction_or_deep_copy_per_step(monkeypatch):
 def test_warmup_steps_are_plain_erm_then_fish():
     batches = domain_minibatches()
     net, erm = tiny_net(), tiny_net()
-    updater = FishUpdater(net, fish_config(fish_warmup_steps=2))
+    # Ĝ measured every 2 steps, through the warm-up too: it must not disturb the ERM steps.
+    updater = FishUpdater(net, fish_config(fish_warmup_steps=3, gip_every=2))
     optimizer = torch.optim.Adam(erm.parameters(), lr=1e-3)
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    for _ in range(2):
-        updater.step(batches)
+    warmup_stats = []
+    for _ in range(3):
+        warmup_stats.append(updater.step(batches))
         optimizer.zero_grad()
         F.cross_entropy(erm(x), y).backward()
         optimizer.step()
     for p, q in zip(net.parameters(), erm.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert not updater.inner_optimizer.state  # the inner loop has not run yet
-    stats = updater.step(batches)
-    assert "gip" in stats  # the first Fish step measures the diagnostic
-    assert {int(s["step"]) for s in updater.inner_optimizer.state.values()} == {3}
+    assert ["gip" in s for s in warmup_stats] == [True, False, True]
+    fish_stats = [updater.step(batches) for _ in range(2)]
+    assert ["gip" in s for s in fish_stats] == [False, True]  # steps 3 and 4: one grid for both phases
+    assert {int(s["step"]) for s in updater.inner_optimizer.state.values()} == {6}
 
 
 def _bn_dropout_net(seed=0):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import PYTHON, REPO, subprocess_env
 
+from domainbed_fish.hparams import CDSPRITES_ALGORITHM_HPARAMS
 from domainbed_fish.reproduction import jobs as jobs_module
 from domainbed_fish.reproduction.presets import GIP_TRACE_N, PRESETS, TrainJob, get_preset
 from domainbed_fish.reproduction.report import REPORT_FILES, targets
@@ -26,6 +27,10 @@ def test_presets_cover_the_paper_and_run_the_headline_jobs_first(name):
     for job in cdsprites:  # the decorrelated environment is the test environment
         assert job.test_env == int(job.dataset.removeprefix("CdSprites"))
         assert job.save_every_checkpoint == (job.test_env == GIP_TRACE_N and job.algorithm != "CORAL")
+    warmup_default = {h.name: h.default for h in CDSPRITES_ALGORITHM_HPARAMS["Fish"]}["fish_warmup_steps"]
+    for job in cdsprites:  # every Fish run takes Fish steps, not only its ERM warm-up
+        if job.algorithm == "Fish":
+            assert job.hparams.get("fish_warmup_steps", warmup_default) < job.steps - 1, job.name
     toy_rows = {job.row for job in jobs if job.dataset == "LinearToy"}
     assert {"ERM", "Fish", "IDGM"} <= toy_rows
     assert jobs[0].dataset == "LinearToy" and jobs[len(toy_rows) * preset.toy_seeds].dataset == "CdSprites15"

@@ -162,6 +162,8 @@ PRESETS: dict[str, Preset] = {
         toy_runs=TOY_RUNS[:3], toy_seeds=1, toy_steps=301, toy_checkpoint_freq=100,
         cdsprites_sizes=(5, 15), cdsprites_algorithms=ALGORITHMS, seeds=1, steps=16, checkpoint_freq=5,
         cdsprites_hparams={"cdsprites_per_domain": 40, "batch_size": 8},
+        # CdSprites' 50 ERM warm-up steps would leave no Fish step in 16.
+        algorithm_hparams={"Fish": {"fish_warmup_steps": 5}},
     ),
     "default": Preset(
         name="default",

@@ -27,12 +27,6 @@ def test_presets_cover_the_paper_and_run_the_headline_jobs_first(name):
     for job in cdsprites:  # the decorrelated environment is the test environment
         assert job.test_env == int(job.dataset.removeprefix("CdSprites"))
         assert job.save_every_checkpoint == (job.test_env == GIP_TRACE_N and job.algorithm != "CORAL")
-        # DomainBed evaluates at step 0, every checkpoint_freq steps and at the last step:
-        # every run is selected at the end of training, Figure 5's runs over it too.
-        evaluated = {s for s in range(job.steps) if s % job.checkpoint_freq == 0 or s == job.steps - 1}
-        assert job.steps - 1 in evaluated and 0 < job.checkpoint_freq < job.steps
-        if job.save_every_checkpoint:
-            assert len(evaluated) >= 4, job.name
     warmup_default = {h.name: h.default for h in CDSPRITES_ALGORITHM_HPARAMS["Fish"]}["fish_warmup_steps"]
     for job in cdsprites:  # every Fish run takes Fish steps, not only its ERM warm-up
         if job.algorithm == "Fish":

@@ -67,13 +67,16 @@ def main() -> None:
     algorithms = import_domainbed("algorithms")
     datasets = import_domainbed("datasets")
     name = f"CdSprites{args.domains}"
+    # DomainBed's lookups first: on a typo they name the available choices.
+    dataset_class = datasets.get_dataset_class(name)
+    algorithm_class = algorithms.get_algorithm_class(args.algorithm)
     hparams = {**registry.default_hparams(args.algorithm, name), **PRESET_HPARAMS, **json.loads(args.hparams)}
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 
-    dataset = getattr(datasets, name)("", [args.domains], hparams)
+    dataset = dataset_class("", [args.domains], hparams)
     *training, decorrelated = list(dataset)
     train_parts, val_parts = [], []
     for env in training:
@@ -86,7 +89,7 @@ def main() -> None:
         val_parts.append(val)
     test = (decorrelated.images(), decorrelated.labels)
 
-    algorithm = getattr(algorithms, args.algorithm)(dataset.input_shape, dataset.num_classes, args.domains, hparams)
+    algorithm = algorithm_class(dataset.input_shape, dataset.num_classes, args.domains, hparams)
     if args.init == "he":
         for module in algorithm.modules():
             if isinstance(module, torch.nn.Conv2d):

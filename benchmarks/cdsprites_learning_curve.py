@@ -1,7 +1,7 @@
 """Learning curve of one algorithm on CdSprites-N, fast, for diagnosing the N = 15 results.
 
     python benchmarks/cdsprites_learning_curve.py --algorithm Fish --domains 15 --seed 0 \
-        [--steps 251] [--every 50] [--hparams '{"meta_lr": 0.1}'] [--shape_only] [--init he]
+        [--steps 251] [--every 50] [--hparams '{"meta_lr": 0.1}'] [--shape_only] [--init he] [--linearity]
 
 The algorithm and its hyperparameters are DomainBed's (``default_hparams`` for the
 dataset, then ``--hparams``; the reproduction preset's 1,000 sprites per domain and 32
@@ -18,9 +18,12 @@ Controls:
 - ``--shape_only`` recolours the training domains with their own colours shuffled across
   labels, so only shape predicts the label: how many steps the network needs to learn
   shape when colour is no shortcut;
-- ``--init he`` re-initialises the convolutions with He's normal initialisation (zero
-  biases) instead of PyTorch's default: whether the N = 15 outcome is a race out of the
-  default initialisation's plateau.
+- ``--init he`` or ``--init lecun`` re-initialises the convolutions with He's or LeCun's
+  normal initialisation (zero biases) instead of PyTorch's default: whether the N = 15
+  outcome is a race out of the default initialisation's plateau;
+- ``--linearity`` prints, for the initial network (after ``--init``), how much of each
+  convolution's pre-activations varies with the image and how much its ReLUs' on/off
+  pattern does (``input_dependence``), then stops: how close to affine the network starts.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ from domainbed_fish.locate import import_domainbed
 
 PRESET_HPARAMS = {"cdsprites_per_domain": 1000, "batch_size": 32}
 HOLDOUT_FRACTION = 0.2  # DomainBed's default
+#: ``--init`` choices besides PyTorch's default: normal weights of variance gain²/fan_in with
+#: the gain of this nonlinearity (He: 2/fan_in, which keeps the signal's scale through ReLUs;
+#: LeCun: 1/fan_in, which halves it at each ReLU), and zero biases.
+INIT_NONLINEARITY = {"he": "relu", "lecun": "linear"}
 
 
 def split(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -47,6 +54,25 @@ def split(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[tuple[Tenso
     perm = torch.randperm(len(y), generator=generator)
     k = int(HOLDOUT_FRACTION * len(y))
     return (x[perm[k:]], y[perm[k:]]), (x[perm[:k]], y[perm[:k]])
+
+
+@torch.no_grad()
+def input_dependence(module: torch.nn.Module, images: Tensor) -> list[tuple[float, float]]:
+    """Per convolution of ``module`` (in order, ReLU after each): (share, gate variability).
+
+    share = mean over units of Var_x[z] / E_x[z²] for the pre-activation z over ``images``:
+    near 0 when the bias dominates, so the unit hardly sees the image.  Gate variability =
+    mean of 4·p(1 − p), p the fraction of images that switch the ReLU on: 0 when every image
+    gets the same on/off pattern, so the network is affine in its input.
+    """
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    result, h = [], images
+    for conv in convs:
+        z = conv(h)
+        on = (z > 0).float().mean(0)
+        result.append(((z.var(0) / (z ** 2).mean(0).clamp_min(1e-30)).mean().item(), (4 * on * (1 - on)).mean().item()))
+        h = torch.relu(z)
+    return result
 
 
 def main() -> None:
@@ -58,8 +84,10 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--hparams", default="{}", help="JSON, over the defaults and the preset's sizes")
     parser.add_argument("--shape_only", action="store_true")
-    parser.add_argument("--init", choices=("default", "he"), default="default")
+    parser.add_argument("--init", choices=("default", *INIT_NONLINEARITY), default="default")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--linearity", action="store_true",
+                        help="print how far the initial network is from linear in its input, then stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,13 +118,20 @@ def main() -> None:
     test = (decorrelated.images(), decorrelated.labels)
 
     algorithm = algorithm_class(dataset.input_shape, dataset.num_classes, args.domains, hparams)
-    if args.init == "he":
+    if args.init != "default":
         for module in algorithm.modules():
             if isinstance(module, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity=INIT_NONLINEARITY[args.init])
                 torch.nn.init.zeros_(module.bias)
         if hasattr(algorithm, "fish"):  # Fish's inner copy must start from the same weights
             copy_state_(model_state_tensors(algorithm.fish.inner_network), model_state_tensors(algorithm.network))
+
+    if args.linearity:
+        images = torch.cat([x[:64] for x, _ in train_parts])
+        for layer, (share, gates) in enumerate(input_dependence(algorithm.featurizer, images), start=1):
+            print(f"conv {layer}: {100 * share:5.1f}% of the pre-activations' second moment varies with the "
+                  f"image; gate variability {gates:.2f}")
+        return
 
     @torch.no_grad()
     def accuracy(x: Tensor, y: Tensor) -> float:

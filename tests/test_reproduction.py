@@ -72,7 +72,7 @@ def test_finished_jobs_are_skipped_and_interrupted_ones_restarted(tmp_path, monk
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(jobs_module.subprocess, "run", fake_run)
-    outcomes = jobs_module.run_jobs(tmp_path, [finished, interrupted], workers=2)
+    outcomes = jobs_module.run_jobs(tmp_path, [finished, interrupted], workers=2, runner="subprocess")
     assert [o.job for o in outcomes] == [interrupted] and outcomes[0].error is None
     assert len(calls) == 1 and calls[0][0] == PYTHON and "domainbed.scripts.train" in calls[0]
 
@@ -105,7 +105,7 @@ def test_a_run_made_under_other_defaults_is_set_aside_and_run_again(domainbed, t
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(jobs_module.subprocess, "run", fake_run)
-    outcomes = jobs_module.run_jobs(tmp_path, [current, stale], workers=1)
+    outcomes = jobs_module.run_jobs(tmp_path, [current, stale], workers=1, runner="subprocess")
     assert [o.job.name for o in outcomes] == [stale.name] and len(calls) == 1
     (kept,) = (tmp_path / "stale").iterdir()
     assert kept.name.startswith(stale.name)
@@ -117,9 +117,56 @@ def test_a_failing_job_reports_its_error(tmp_path, monkeypatch):
     job = TrainJob("LinearToy", "ERM", 0, 2, 10, 5)
     monkeypatch.setattr(jobs_module.subprocess, "run",
                         lambda command, **kw: subprocess.CompletedProcess(command, 1, "", "Traceback\nValueError: bad"))
-    (outcome,) = jobs_module.run_jobs(tmp_path, [job], workers=1)
-    assert outcome.error.endswith("ValueError: bad")
+    (outcome,) = jobs_module.run_jobs(tmp_path, [job], workers=1, runner="subprocess")
+    assert outcome.error.endswith("ValueError: bad\n(exit status 1)")
     assert not jobs_module.is_done(tmp_path, job)
+
+
+def _records_without_timing(run) -> list[dict]:
+    """A run's results.jsonl without what differs between two identical runs (time, memory, paths)."""
+    records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in record.items() if k not in ("args", "step_time", "mem_gb")} for record in records]
+
+
+@pytest.mark.parametrize("dataset,test_env,hparams", [
+    ("LinearToy", 2, {}),
+    ("CdSprites5", 5, {"cdsprites_per_domain": 24, "batch_size": 4, "fish_warmup_steps": 2}),
+])
+def test_a_forked_job_trains_exactly_as_a_new_python_does(domainbed, tmp_path, dataset, test_env, hparams):
+    """The fork server runs DomainBed's train script with the same arguments and thread count
+    as ``python -m domainbed.scripts.train``: the same records, step for step."""
+    assert jobs_module.default_job_runner() == "forkserver"  # Linux has it: the default here
+    job = TrainJob(dataset, "Fish", 0, test_env, 7, 3, hparams)
+    runs = {}
+    for runner in ("forkserver", "subprocess"):
+        outcome = jobs_module.run_job(tmp_path / runner, job, threads=1, runner=runner)
+        assert outcome.error is None, outcome.error
+        runs[runner] = _records_without_timing(jobs_module.run_dir(tmp_path / runner, job))
+    assert [r["step"] for r in runs["forkserver"]] == [0, 3, 6]
+    assert runs["forkserver"] == runs["subprocess"]
+
+
+@pytest.mark.parametrize("runner", jobs_module.JOB_RUNNERS)
+def test_a_failing_job_reports_the_train_scripts_error(domainbed, tmp_path, runner):
+    """DomainBed's train script sends its stderr to err.txt and stdout, not to the process's
+    stderr: the outcome must still carry the plugin's message naming the problem and the fix."""
+    job = TrainJob("LinearToy", "Fish", 0, 2, 4, 2, {"fish_epsilon": "half"})
+    (outcome,) = jobs_module.run_jobs(tmp_path, [job], workers=1, runner=runner)
+    last_lines = outcome.error.splitlines()[-2:]
+    assert last_lines[0].startswith("ValueError: hyperparameter 'fish_epsilon' = 'half' is invalid")
+    assert "Fix it in --hparams" in last_lines[0] and last_lines[1] == "(exit status 1)"
+    assert not jobs_module.is_done(tmp_path, job)
+    if runner == "subprocess":
+        return
+    # relaunched with a valid value, the same directory is cleared and the job completes
+    fixed = TrainJob("LinearToy", "Fish", 0, 2, 4, 2, {"fish_epsilon": "meta_lr"})
+    (outcome,) = jobs_module.run_jobs(tmp_path, [fixed], workers=1, runner="forkserver")
+    assert outcome.error is None and jobs_module.is_done(tmp_path, fixed)
+
+
+def test_an_unknown_job_runner_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown job runner 'spawn': choose one of \['forkserver', 'subprocess'\]"):
+        jobs_module.run_job(tmp_path, TrainJob("LinearToy", "ERM", 0, 2, 4, 2), threads=1, runner="spawn")
 
 
 def test_targets_read_the_summary():

@@ -10,12 +10,21 @@ A job's directory name hashes what the preset passes, not the registry's default
 finished run can predate a changed default.  Such a run is *stale*: the hyperparameters
 DomainBed recorded in its ``results.jsonl`` differ from what the job would resolve now.
 It is moved to ``<output_dir>/stale/`` (kept, never mixed into the report) and run again.
+
+Two ways to start the train script (``JOB_RUNNERS``): ``subprocess`` starts a new Python
+per job, which pays about 10 s of imports before the first step (DomainBed's ``datasets``
+imports WILDS, which imports scikit-learn; and torch, torchvision); ``forkserver`` (the
+default where the platform has it) imports them once into a server process and forks each
+job from it, running the same script with the same arguments (``runpy``), so a job starts
+in a fraction of a second.  ``benchmarks/job_start.py`` measures both.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -32,6 +41,21 @@ from domainbed_fish.reproduction.presets import TrainJob
 from domainbed_fish.results import read_jsonl
 
 JobState = Literal["done", "stale", "to do"]
+JobRunner = Literal["forkserver", "subprocess"]
+JOB_RUNNERS: tuple[JobRunner, ...] = ("forkserver", "subprocess")
+TRAIN_MODULE = "domainbed.scripts.train"
+#: What the train script imports, loaded once into the fork server (the costly part is
+#: DomainBed's ``datasets``: WILDS and scikit-learn behind it).
+FORKSERVER_PRELOAD = (
+    "numpy", "torch", "torchvision", "domainbed_fish", "domainbed.datasets", "domainbed.algorithms",
+    "domainbed.hparams_registry", "domainbed.lib.misc", "domainbed.lib.fast_data_loader",
+)
+#: Where a forked job's stderr goes, inside its run directory (next to DomainBed's own err.txt).
+STDERR_FILE = "launcher_stderr.txt"
+
+
+def default_job_runner() -> JobRunner:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "subprocess"
 
 
 def run_dir(output_dir: Path, job: TrainJob) -> Path:
@@ -86,28 +110,79 @@ class JobOutcome:
     error: str | None = None  # the tail of the job's stderr when it failed
 
 
-def _child_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+def _thread_env(threads: int) -> dict[str, str]:
     # Several jobs share the cores: give each its slice, or they oversubscribe.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    return env
+    return {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def run_job(output_dir: Path, job: TrainJob, threads: int) -> JobOutcome:
+def _error_tail(returncode: int, stderr: str, directory: Path) -> str:
+    """The last lines of what the failed train script wrote to stderr, and its exit status.
+
+    Once running, DomainBed's train script sends ``sys.stderr`` to ``err.txt`` in its output
+    directory and to *stdout* (``misc.Tee``), so a traceback is in ``err.txt``, not on the
+    process's stderr, which keeps only what came before (an import or argument error).
+    """
+    err_txt = directory / "err.txt"
+    logged = err_txt.read_text(errors="replace").strip() if err_txt.exists() else ""
+    lines = (logged or stderr.strip()).splitlines()[-15:]
+    return "\n".join([*lines, f"(exit status {returncode})"])
+
+
+def _run_subprocess(train_args: list[str], threads: int) -> tuple[int, str]:
+    """(exit status, stderr) of the train script in a new Python."""
+    proc = subprocess.run([sys.executable, "-m", TRAIN_MODULE, *train_args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, **_thread_env(threads)})
+    return proc.returncode, proc.stderr
+
+
+def _train_in_forked_child(train_args: list[str], stderr_path: str, threads: int) -> None:
+    """The child's body: what ``python -m domainbed.scripts.train ...`` would do, with the
+    same thread count and output redirection as ``_run_subprocess``."""
+    import torch  # preloaded: free
+
+    os.environ.update(_thread_env(threads))
+    torch.set_num_threads(threads)  # the environment variable alone is read only at torch's start
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    sys.argv = [TRAIN_MODULE, *train_args]
+    runpy.run_module(TRAIN_MODULE, run_name="__main__", alter_sys=True)
+
+
+def _forkserver_context() -> multiprocessing.context.BaseContext:
+    import_domainbed()  # puts a DOMAINBED_DIR checkout on sys.path, which the server inherits
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+    return context
+
+
+def _run_forked(train_args: list[str], threads: int, stderr_path: Path) -> tuple[int, str]:
+    """(exit status, stderr) of the train script forked from the preloaded server."""
+    process = _forkserver_context().Process(target=_train_in_forked_child,
+                                            args=(train_args, str(stderr_path), threads))
+    process.start()
+    process.join()
+    stderr = stderr_path.read_text(errors="replace") if stderr_path.exists() else ""
+    return process.exitcode if process.exitcode is not None else 1, stderr
+
+
+def run_job(output_dir: Path, job: TrainJob, threads: int, runner: JobRunner | None = None) -> JobOutcome:
     """Run one job to completion (clearing what an interrupted earlier attempt left)."""
+    runner = runner or default_job_runner()
+    if runner not in JOB_RUNNERS:
+        raise ValueError(f"unknown job runner {runner!r}: choose one of {list(JOB_RUNNERS)}")
     directory = run_dir(output_dir, job)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    command = [sys.executable, "-m", "domainbed.scripts.train", *job.train_args(str(directory))]
+    train_args = job.train_args(str(directory))
     start = time.perf_counter()
-    proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env=_child_env(threads))
+    if runner == "forkserver":
+        returncode, stderr = _run_forked(train_args, threads, directory / STDERR_FILE)
+    else:
+        returncode, stderr = _run_subprocess(train_args, threads)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0 or not (directory / "done").exists():
-        tail = proc.stderr.strip().splitlines()[-15:]
-        return JobOutcome(job, seconds, "\n".join(tail) or f"exit status {proc.returncode}")
+    if returncode != 0 or not (directory / "done").exists():
+        return JobOutcome(job, seconds, _error_tail(returncode, stderr, directory))
     return JobOutcome(job, seconds)
 
 
@@ -116,8 +191,11 @@ def run_jobs(
     jobs: Sequence[TrainJob],
     workers: int,
     progress: Callable[[JobOutcome], None] | None = None,
+    runner: JobRunner | None = None,
 ) -> list[JobOutcome]:
-    """Run the unfinished and stale ``jobs``, ``workers`` at a time, each with its share of the cores."""
+    """Run the unfinished and stale ``jobs``, ``workers`` at a time, each with its share of the
+    cores, started by ``runner`` (default: ``default_job_runner()``)."""
+    runner = runner or default_job_runner()
     states = {job.name: job_state(output_dir, job) for job in jobs}
     for job in jobs:
         if states[job.name] == "stale":
@@ -126,7 +204,7 @@ def run_jobs(
     threads = max(1, (os.cpu_count() or 1) // workers)
     outcomes = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(run_job, output_dir, job, threads) for job in pending]
+        futures = [pool.submit(run_job, output_dir, job, threads, runner) for job in pending]
         for future in as_completed(futures):
             outcome = future.result()
             outcomes.append(outcome)

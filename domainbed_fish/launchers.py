@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from domainbed_fish.results import train_error_tail
+
 
 def with_this_interpreter(command: str, executable: str | None = None) -> str:
     """Replace a leading ``python`` (DomainBed's commands) by this process's interpreter."""
@@ -83,11 +85,26 @@ def _start(command: str, env: dict[str, str], verbose: bool) -> tuple[subprocess
     return subprocess.Popen(command, shell=True, env=env, stdout=subprocess.DEVNULL, stderr=err), err
 
 
+def _output_dir(command: str) -> str | None:
+    """The ``--output_dir`` of a train command, if it names one."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    for i, word in enumerate(words):
+        if word == "--output_dir" and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--output_dir="):
+            return word.split("=", 1)[1]
+    return None
+
+
 def _report_failure(command: str, status: int, err: Any) -> None:
-    tail = ""
+    stderr = ""
     if err is not None:
         err.seek(0)
-        tail = "\n".join(err.read().decode(errors="replace").strip().splitlines()[-15:])
+        stderr = err.read().decode(errors="replace")
+    tail = "\n".join(train_error_tail(_output_dir(command), stderr))
     print(f"local_parallel: exit status {status}: {command}\n{tail}", file=sys.stderr)
 
 

@@ -38,6 +38,18 @@ class RunDir:
         return "done" if self.done else "running" if self.running else "incomplete"
 
 
+def train_error_tail(output_dir: str | os.PathLike | None, stderr: str, lines: int = 15) -> list[str]:
+    """The last ``lines`` lines of what a failed DomainBed train run wrote to stderr.
+
+    Once running, DomainBed's train script sends ``sys.stderr`` to ``err.txt`` in its
+    output directory and to *stdout* (``misc.Tee``), so its traceback is in ``err.txt``;
+    the process's own stderr keeps only what came before (an import or argument error).
+    """
+    err_txt = Path(output_dir) / "err.txt" if output_dir is not None else None
+    logged = err_txt.read_text(errors="replace").strip() if err_txt is not None and err_txt.is_file() else ""
+    return (logged or stderr.strip()).splitlines()[-lines:]
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of one ``results.jsonl``; unreadable lines are skipped with a warning."""
     records = []

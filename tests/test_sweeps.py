@@ -365,6 +365,25 @@ def test_local_parallel_uses_this_interpreter_and_splits_threads(tmp_path, monke
         assert (tmp_path / str(i)).read_text().split() == [sys.executable, threads]
 
 
+def test_local_parallel_shows_a_failed_train_commands_error_from_its_err_txt(tmp_path, capsys, monkeypatch):
+    """DomainBed's train script sends its stderr to <output_dir>/err.txt and stdout (misc.Tee),
+    so a traceback never reaches the process's stderr: the failure report reads err.txt."""
+    from domainbed_fish.launchers import local_parallel
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    out = tmp_path / "job"
+    out.mkdir()
+    script = ("import sys, pathlib; d = pathlib.Path(sys.argv[sys.argv.index('--output_dir') + 1]); "
+              "(d / 'err.txt').write_text('Traceback\\nValueError: hyperparameter bad, fix it\\n'); sys.exit(1)")
+    before = "python -c " + json.dumps("import sys; sys.stderr.write('usage: bad argument\\n'); sys.exit(2)")
+    statuses = local_parallel([f"python -c {json.dumps(script)} --output_dir {out}",
+                               before + f" --output_dir {tmp_path / 'absent'}"], workers=1, progress=False)
+    assert statuses == [1, 2]
+    report = capsys.readouterr().err
+    assert "exit status 1" in report and "ValueError: hyperparameter bad, fix it" in report
+    assert "exit status 2" in report and "usage: bad argument" in report  # no err.txt: the process's stderr
+
+
 @requires_domainbed
 def test_killed_job_is_incomplete_and_relaunch_finishes_it(domainbed, tmp_path, capsys, monkeypatch):
     out, data = tmp_path / "out", tmp_path

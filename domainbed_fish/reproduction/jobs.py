@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from domainbed_fish.locate import import_domainbed
 from domainbed_fish.reproduction.presets import TrainJob
-from domainbed_fish.results import read_jsonl
+from domainbed_fish.results import read_jsonl, train_error_tail
 
 JobState = Literal["done", "stale", "to do"]
 JobRunner = Literal["forkserver", "subprocess"]
@@ -116,16 +116,7 @@ def _thread_env(threads: int) -> dict[str, str]:
 
 
 def _error_tail(returncode: int, stderr: str, directory: Path) -> str:
-    """The last lines of what the failed train script wrote to stderr, and its exit status.
-
-    Once running, DomainBed's train script sends ``sys.stderr`` to ``err.txt`` in its output
-    directory and to *stdout* (``misc.Tee``), so a traceback is in ``err.txt``, not on the
-    process's stderr, which keeps only what came before (an import or argument error).
-    """
-    err_txt = directory / "err.txt"
-    logged = err_txt.read_text(errors="replace").strip() if err_txt.exists() else ""
-    lines = (logged or stderr.strip()).splitlines()[-15:]
-    return "\n".join([*lines, f"(exit status {returncode})"])
+    return "\n".join([*train_error_tail(directory, stderr), f"(exit status {returncode})"])
 
 
 def _run_subprocess(train_args: list[str], threads: int) -> tuple[int, str]:

@@ -164,6 +164,21 @@ def test_a_failing_job_reports_the_train_scripts_error(domainbed, tmp_path, runn
     assert outcome.error is None and jobs_module.is_done(tmp_path, fixed)
 
 
+def test_an_interrupt_stops_the_queued_jobs_and_a_rerun_finishes_them(domainbed, tmp_path):
+    jobs = [TrainJob("LinearToy", "ERM", seed, 2, 1, 1) for seed in range(4)]
+
+    def interrupt(outcome):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        jobs_module.run_jobs(tmp_path, jobs, workers=1, progress=interrupt, runner="forkserver")
+    started = [job for job in jobs if jobs_module.run_dir(tmp_path, job).exists()]
+    assert jobs[0] in started and len(started) <= 2  # the first, and the one already running
+    outcomes = jobs_module.run_jobs(tmp_path, jobs, workers=1, runner="forkserver")
+    assert len(outcomes) == len(jobs) - len(started) and all(o.error is None for o in outcomes)
+    assert all(jobs_module.is_done(tmp_path, job) for job in jobs)
+
+
 def test_an_unknown_job_runner_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"unknown job runner 'spawn': choose one of \['forkserver', 'subprocess'\]"):
         jobs_module.run_job(tmp_path, TrainJob("LinearToy", "ERM", 0, 2, 4, 2), threads=1, runner="spawn")

@@ -194,11 +194,16 @@ def run_jobs(
     pending = [job for job in jobs if states[job.name] != "done"]
     threads = max(1, (os.cpu_count() or 1) // workers)
     outcomes = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = [pool.submit(run_job, output_dir, job, threads, runner) for job in pending]
         for future in as_completed(futures):
             outcome = future.result()
             outcomes.append(outcome)
             if progress is not None:
                 progress(outcome)
+    finally:
+        # On Ctrl-C the queued jobs must not start (a plain ``with`` would run them all before
+        # raising); the running ones got the same SIGINT and stop, and a rerun redoes them.
+        pool.shutdown(wait=True, cancel_futures=True)
     return outcomes

@@ -13,7 +13,9 @@ This is what the plugin's sweep launches instead of ``python -m domainbed.script
   and trained from the start, since DomainBed's ``train`` cannot resume.
 
 ``train`` runs in this process (``runpy``), so killing this process kills the training
-and the kernel releases the lock.
+and the kernel releases the lock.  Started by the reproduction command (which sets
+``DOMAINBED_FISH_LAUNCHER_PID``), it also ends when that command ends
+(:mod:`domainbed_fish.lifetime`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from domainbed_fish.lifetime import end_with_launcher
 from domainbed_fish.lockfile import LOCK_NAME, JobLock, holder_pid
 
 #: Printed (with the job directory) when a job is skipped because another process runs it.
@@ -48,6 +51,7 @@ def clear_job_dir(job_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Train the job described by ``argv`` (DomainBed ``train`` arguments) unless it is
     done or running elsewhere; return the exit status."""
+    end_with_launcher()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--output_dir", required=True)

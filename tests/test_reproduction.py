@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from conftest import PYTHON, REPO, subprocess_env
 
 from domainbed_fish.hparams import CDSPRITES_ALGORITHM_HPARAMS
+from domainbed_fish.lifetime import is_alive
+from domainbed_fish.lockfile import JobLock, holder_pid, is_locked
 from domainbed_fish.reproduction import jobs as jobs_module
 from domainbed_fish.reproduction.presets import GIP_TRACE_N, PRESETS, TrainJob, get_preset
 from domainbed_fish.reproduction.report import REPORT_FILES, targets
@@ -74,7 +79,7 @@ def test_finished_jobs_are_skipped_and_interrupted_ones_restarted(tmp_path, monk
     monkeypatch.setattr(jobs_module.subprocess, "run", fake_run)
     outcomes = jobs_module.run_jobs(tmp_path, [finished, interrupted], workers=2, runner="subprocess")
     assert [o.job for o in outcomes] == [interrupted] and outcomes[0].error is None
-    assert len(calls) == 1 and calls[0][0] == PYTHON and "domainbed.scripts.train" in calls[0]
+    assert len(calls) == 1 and calls[0][:3] == [PYTHON, "-m", "domainbed_fish.run_job"]  # train under the lock
 
 
 def test_a_run_made_under_other_defaults_is_set_aside_and_run_again(domainbed, tmp_path, monkeypatch):
@@ -177,6 +182,58 @@ def test_an_interrupt_stops_the_queued_jobs_and_a_rerun_finishes_them(domainbed,
     outcomes = jobs_module.run_jobs(tmp_path, jobs, workers=1, runner="forkserver")
     assert len(outcomes) == len(jobs) - len(started) and all(o.error is None for o in outcomes)
     assert all(jobs_module.is_done(tmp_path, job) for job in jobs)
+
+
+def test_a_job_another_process_is_training_is_left_alone_with_the_fix(tmp_path, monkeypatch):
+    """A live process holding the job's lock (say, a job that outlived a killed invocation)
+    owns the directory: the job is not started there, nothing in it is touched, and the error
+    names the process and what to do."""
+    job = TrainJob("LinearToy", "ERM", 0, 2, 10, 5)
+    directory = jobs_module.run_dir(tmp_path, job)
+    directory.mkdir(parents=True)
+    (directory / "results.jsonl").write_text('{"step": 0}\n')
+    monkeypatch.setattr(jobs_module.subprocess, "run", lambda *a, **kw: pytest.fail("the job was started"))
+    with JobLock(directory):
+        assert jobs_module.job_state(tmp_path, job) == "running"
+        (outcome,) = jobs_module.run_jobs(tmp_path, [job], workers=1, runner="subprocess")
+    assert f"is being trained by another process (pid {os.getpid()})" in outcome.error
+    assert f"kill {os.getpid()}), then run the same command again" in outcome.error
+    assert (directory / "results.jsonl").read_text() == '{"step": 0}\n'
+    assert jobs_module.job_state(tmp_path, job) == "to do"  # the lock went with its holder
+
+
+_KILLED_LAUNCHER = """
+import sys
+from pathlib import Path
+from domainbed_fish.reproduction import jobs
+from domainbed_fish.reproduction.presets import TrainJob
+jobs.run_jobs(Path(sys.argv[1]), [TrainJob("LinearToy", "ERM", 0, 2, 10**7, 10**7)], workers=1, runner=sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("runner", jobs_module.JOB_RUNNERS)
+def test_a_killed_reproduction_takes_its_running_jobs_with_it(domainbed, tmp_path, runner):
+    """SIGKILL gives the command no chance to clean up; its train jobs must not train on as
+    orphans (a relaunch would find them holding their directories)."""
+    job = TrainJob("LinearToy", "ERM", 0, 2, 10**7, 10**7)
+    directory = jobs_module.run_dir(tmp_path, job)
+    launcher = subprocess.Popen([PYTHON, "-c", _KILLED_LAUNCHER, str(tmp_path), runner], env=subprocess_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not ((directory / "out.txt").exists() and is_locked(directory)):  # DomainBed's train is running
+            assert launcher.poll() is None and time.monotonic() < deadline, "the job never started"
+            time.sleep(0.2)
+        trainer = holder_pid(directory)
+        assert trainer not in (None, launcher.pid) and is_alive(trainer)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 30
+    while is_locked(directory):
+        assert time.monotonic() < deadline, f"the train job (pid {trainer}) outlived the killed command"
+        time.sleep(0.2)
+    assert jobs_module.job_state(tmp_path, job) == "to do"
 
 
 def test_an_unknown_job_runner_is_refused(tmp_path):

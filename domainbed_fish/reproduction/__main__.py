@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                   + f" to {output_dir / 'stale'} and runs the job again")
     if args.dry_run:
         for job in jobs:
-            print(f"{states[job.name]:<6}{job.name}")
+            print(f"{states[job.name]:<8}{job.name}")
         return 0
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -4,7 +4,11 @@ Each job writes to ``<output_dir>/runs/<name>/`` (DomainBed's ``results.jsonl``,
 ``done``, ``model.pkl``), so ``python -m domainbed.scripts.collect_results
 --input_dir <output_dir>/runs`` reads them too.  A directory with ``done`` is
 finished and skipped; one without it is what a killed job left and is cleared
-and run again, because DomainBed's train script cannot resume.
+and run again, because DomainBed's train script cannot resume.  Jobs train under the
+sweeps' job lock (``domainbed_fish.run_job``): a directory whose lock a live process
+holds is being trained by someone else (say, a job that outlived a killed earlier
+invocation) and is left alone, with an error saying so.  On Linux a job also ends when
+the command that launched it ends, however it ends (:mod:`domainbed_fish.lifetime`).
 
 A job's directory name hashes what the preset passes, not the registry's defaults, so a
 finished run can predate a changed default.  Such a run is *stale*: the hyperparameters
@@ -16,7 +20,8 @@ per job, which pays about 10 s of imports before the first step (DomainBed's ``d
 imports WILDS, which imports scikit-learn; and torch, torchvision); ``forkserver`` (the
 default where the platform has it) imports them once into a server process and forks each
 job from it, running the same script with the same arguments (``runpy``), so a job starts
-in a fraction of a second.  ``benchmarks/job_start.py`` measures both.
+in a fraction of a second.  ``benchmarks/job_start.py`` measures both.  Both run
+``python -m domainbed_fish.run_job``, DomainBed's train script under the job lock.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -36,22 +42,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from domainbed_fish.lifetime import LAUNCHER_PID_VARIABLE
 from domainbed_fish.locate import import_domainbed
+from domainbed_fish.lockfile import holder_pid, is_locked
 from domainbed_fish.reproduction.presets import TrainJob
 from domainbed_fish.results import read_jsonl, train_error_tail
 
-JobState = Literal["done", "stale", "to do"]
+JobState = Literal["done", "stale", "running", "to do"]
 JobRunner = Literal["forkserver", "subprocess"]
 JOB_RUNNERS: tuple[JobRunner, ...] = ("forkserver", "subprocess")
-TRAIN_MODULE = "domainbed.scripts.train"
+#: DomainBed's train script under the job lock; takes the train script's arguments.
+TRAIN_MODULE = "domainbed_fish.run_job"
 #: What the train script imports, loaded once into the fork server (the costly part is
 #: DomainBed's ``datasets``: WILDS and scikit-learn behind it).
 FORKSERVER_PRELOAD = (
     "numpy", "torch", "torchvision", "domainbed_fish", "domainbed.datasets", "domainbed.algorithms",
-    "domainbed.hparams_registry", "domainbed.lib.misc", "domainbed.lib.fast_data_loader",
+    "domainbed.hparams_registry", "domainbed.lib.misc", "domainbed.lib.fast_data_loader", TRAIN_MODULE,
 )
-#: Where a forked job's stderr goes, inside its run directory (next to DomainBed's own err.txt).
-STDERR_FILE = "launcher_stderr.txt"
 
 
 def default_job_runner() -> JobRunner:
@@ -81,9 +88,10 @@ def recorded_hparams(output_dir: Path, job: TrainJob) -> dict[str, Any] | None:
 
 
 def job_state(output_dir: Path, job: TrainJob) -> JobState:
-    """'done', 'stale' (finished under other hyperparameters than the job resolves now) or 'to do'."""
+    """'done', 'stale' (finished under other hyperparameters than the job resolves now),
+    'running' (a live process holds its lock) or 'to do'."""
     if not is_done(output_dir, job):
-        return "to do"
+        return "running" if is_locked(run_dir(output_dir, job)) else "to do"
     recorded = recorded_hparams(output_dir, job)
     return "stale" if recorded is not None and recorded != expected_hparams(job) else "done"
 
@@ -110,9 +118,18 @@ class JobOutcome:
     error: str | None = None  # the tail of the job's stderr when it failed
 
 
-def _thread_env(threads: int) -> dict[str, str]:
+def still_running(directory: Path) -> str:
+    """The error for a job another live process is training (its lock is held)."""
+    pid = holder_pid(directory)
+    return (f"{directory} is being trained by another process (pid {pid}), for example one left running "
+            f"by an earlier invocation that was killed; nothing was changed there. Let it finish, or stop "
+            f"it (kill {pid}), then run the same command again.")
+
+
+def _job_env(threads: int) -> dict[str, str]:
     # Several jobs share the cores: give each its slice, or they oversubscribe.
-    return {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return {**{var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+            LAUNCHER_PID_VARIABLE: str(os.getpid())}
 
 
 def _error_tail(returncode: int, stderr: str, directory: Path) -> str:
@@ -122,16 +139,25 @@ def _error_tail(returncode: int, stderr: str, directory: Path) -> str:
 def _run_subprocess(train_args: list[str], threads: int) -> tuple[int, str]:
     """(exit status, stderr) of the train script in a new Python."""
     proc = subprocess.run([sys.executable, "-m", TRAIN_MODULE, *train_args], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, env={**os.environ, **_thread_env(threads)})
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, **_job_env(threads)})
     return proc.returncode, proc.stderr
 
 
-def _train_in_forked_child(train_args: list[str], stderr_path: str, threads: int) -> None:
-    """The child's body: what ``python -m domainbed.scripts.train ...`` would do, with the
-    same thread count and output redirection as ``_run_subprocess``."""
+def _train_in_forked_child(train_args: list[str], stderr_path: str, threads: int, env: dict[str, str]) -> None:
+    """The child's body: what ``python -m domainbed_fish.run_job ...`` would do, with the
+    same environment, thread count and output redirection as ``_run_subprocess``."""
+    from multiprocessing import forkserver
+
     import torch  # preloaded: free
 
-    os.environ.update(_thread_env(threads))
+    # The server lives while any process holds the write end of its "alive" pipe, and it hands
+    # one to every process it forks. Dropping ours lets it exit with the launcher, which is what
+    # fires this job's parent-death signal (domainbed_fish.lifetime).
+    server = getattr(forkserver, "_forkserver", None)
+    if getattr(server, "_forkserver_alive_fd", None) is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    os.environ.update(env)
     torch.set_num_threads(threads)  # the environment variable alone is read only at torch's start
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
@@ -146,13 +172,15 @@ def _forkserver_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _run_forked(train_args: list[str], threads: int, stderr_path: Path) -> tuple[int, str]:
+def _run_forked(train_args: list[str], threads: int) -> tuple[int, str]:
     """(exit status, stderr) of the train script forked from the preloaded server."""
-    process = _forkserver_context().Process(target=_train_in_forked_child,
-                                            args=(train_args, str(stderr_path), threads))
-    process.start()
-    process.join()
-    stderr = stderr_path.read_text(errors="replace") if stderr_path.exists() else ""
+    # The job clears its directory when it starts, so its stderr is kept outside it.
+    with tempfile.NamedTemporaryFile(prefix="domainbed_fish-job-", suffix=".stderr") as stderr_file:
+        process = _forkserver_context().Process(target=_train_in_forked_child,
+                                                args=(train_args, stderr_file.name, threads, _job_env(threads)))
+        process.start()
+        process.join()
+        stderr = Path(stderr_file.name).read_text(errors="replace")
     return process.exitcode if process.exitcode is not None else 1, stderr
 
 
@@ -162,19 +190,23 @@ def run_job(output_dir: Path, job: TrainJob, threads: int, runner: JobRunner | N
     if runner not in JOB_RUNNERS:
         raise ValueError(f"unknown job runner {runner!r}: choose one of {list(JOB_RUNNERS)}")
     directory = run_dir(output_dir, job)
+    if is_locked(directory):
+        return JobOutcome(job, 0.0, still_running(directory))
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     train_args = job.train_args(str(directory))
     start = time.perf_counter()
     if runner == "forkserver":
-        returncode, stderr = _run_forked(train_args, threads, directory / STDERR_FILE)
+        returncode, stderr = _run_forked(train_args, threads)
     else:
         returncode, stderr = _run_subprocess(train_args, threads)
     seconds = time.perf_counter() - start
-    if returncode != 0 or not (directory / "done").exists():
-        return JobOutcome(job, seconds, _error_tail(returncode, stderr, directory))
-    return JobOutcome(job, seconds)
+    if (directory / "done").exists() and returncode == 0:
+        return JobOutcome(job, seconds)
+    if is_locked(directory):  # another process took the directory between our check and the job's start
+        return JobOutcome(job, seconds, still_running(directory))
+    return JobOutcome(job, seconds, _error_tail(returncode, stderr, directory))
 
 
 def run_jobs(

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from domainbed_fish.lifetime import LAUNCHER_PID_VARIABLE
 from domainbed_fish.results import train_error_tail
 
 
@@ -75,14 +76,18 @@ def _progress(total: int, desc: str):
 
 
 def _start(command: str, env: dict[str, str], verbose: bool) -> tuple[subprocess.Popen, Any]:
+    # The shell runs under a supervisor that ends its whole process group when this launcher
+    # ends, however it ends (domainbed_fish.lifetime): no train job outlives a killed sweep.
+    argv = [sys.executable, "-m", "domainbed_fish.lifetime", "/bin/sh", "-c", command]
+    env = {**env, LAUNCHER_PID_VARIABLE: str(os.getpid())}
     if verbose:
-        return subprocess.Popen(command, shell=True, env=env), None
+        return subprocess.Popen(argv, env=env), None
     # DomainBed's train copies its output into the job's out.txt/err.txt; keep stderr
     # aside only to show it when the command fails before that (e.g. a bad argument).
     import tempfile
 
     err = tempfile.TemporaryFile()
-    return subprocess.Popen(command, shell=True, env=env, stdout=subprocess.DEVNULL, stderr=err), err
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err), err
 
 
 def _output_dir(command: str) -> str | None:
@@ -120,6 +125,8 @@ def local_parallel(
     ``python`` run with the interpreter running this launcher.  Their output is not shown
     (DomainBed's ``train`` writes it to the job's ``out.txt``/``err.txt``) unless
     ``verbose`` (default: ``DOMAINBED_FISH_VERBOSE=1``); a failing command's stderr is.
+    Each command runs under :func:`domainbed_fish.lifetime.supervise`, so it ends when this
+    launcher ends, however it ends.
     """
     if verbose is None:
         verbose = os.environ.get("DOMAINBED_FISH_VERBOSE", "0") == "1"

@@ -10,6 +10,12 @@ its pid in :data:`LAUNCHER_PID_VARIABLE`; :func:`end_with_launcher`, called firs
 in the job, asks for SIGTERM when the job's parent ends (the launcher, or the fork
 server, which exits when the launcher does) and exits at once if the launcher has
 already gone.  Elsewhere it does nothing and the job lock alone protects a relaunch.
+
+``local_parallel`` runs shell commands, and ``sh -c`` need not ``exec`` the train script
+(dash does not), so the signal must reach a whole process group instead:
+``python -m domainbed_fish.lifetime COMMAND...`` (:func:`supervise`) runs the command in its
+own process group, passes every SIGTERM, SIGINT or SIGHUP it gets to that group, and gets
+SIGTERM itself when the launcher ends.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
+from collections.abc import Sequence
 
 #: Environment variable naming the pid of the command that launched a job.
 LAUNCHER_PID_VARIABLE = "DOMAINBED_FISH_LAUNCHER_PID"
@@ -64,3 +72,39 @@ def end_with_launcher() -> None:
     signal_on_parent_death()
     if not is_alive(int(value)):
         raise SystemExit(f"domainbed-fish: the launching command (pid {value}) has ended; not training")
+
+
+#: Signals :func:`supervise` passes on to the command's process group.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def supervise(command: Sequence[str]) -> int:
+    """Run ``command`` in its own process group and return its exit status (128 + N if
+    killed by signal N), ending the whole group when this process is signalled or, via
+    :func:`end_with_launcher`, when the launcher ends."""
+    child: subprocess.Popen | None = None
+    pending: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if child is None:
+            pending.append(signum)  # arrived before the command started: passed on once it has
+            return
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in FORWARDED_SIGNALS:  # before anything can fork: no signal may go unforwarded
+        signal.signal(signum, forward)
+    end_with_launcher()
+    child = subprocess.Popen(list(command), start_new_session=True)
+    for signum in pending:
+        forward(signum, None)
+    returncode = child.wait()
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m domainbed_fish.lifetime COMMAND [ARGUMENT ...]")
+    sys.exit(supervise(sys.argv[1:]))

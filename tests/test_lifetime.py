@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -79,3 +80,53 @@ def test_without_a_launcher_nothing_changes(monkeypatch, signal_requests):
     monkeypatch.setenv(LAUNCHER_PID_VARIABLE, "pid-7")
     with pytest.raises(SystemExit, match=rf"{LAUNCHER_PID_VARIABLE}='pid-7' is not a pid; unset it"):
         end_with_launcher()
+
+
+def _wait_for_pid(path, launcher: subprocess.Popen) -> int:
+    deadline = time.monotonic() + 60
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the command never started"
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _assert_ends(pid: int, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not _gone(pid):
+        assert time.monotonic() < deadline, f"{what} (pid {pid}) is still running"
+        time.sleep(0.05)
+
+
+# A command as local_parallel gets it: a shell line whose Python (not exec'd by dash) is the
+# shell's child. It writes its pid, then works for five minutes.
+_WORKER = "import os, sys, time; open(sys.argv[1], 'w').write(f'{os.getpid()}\\n'); time.sleep(300)"
+
+
+@linux_only
+def test_supervise_passes_a_signal_to_everything_the_command_started(tmp_path):
+    pid_file = tmp_path / "pid"
+    command = f"{PYTHON} -c \"{_WORKER}\" {pid_file}; echo not reached"
+    supervisor = subprocess.Popen([PYTHON, "-m", "domainbed_fish.lifetime", "/bin/sh", "-c", command])
+    worker = _wait_for_pid(pid_file, supervisor)
+    supervisor.terminate()
+    assert supervisor.wait(timeout=10) == 128 + signal.SIGTERM  # the shell's status, as a shell reports it
+    _assert_ends(worker, "the shell's child")
+
+
+_KILLED_SWEEP = """
+import shlex, sys
+from domainbed_fish.launchers import local_parallel
+local_parallel([f"python -c {shlex.quote(sys.argv[2])} {shlex.quote(sys.argv[1])}"], workers=1, progress=False)
+"""
+
+
+@linux_only
+def test_local_parallel_jobs_end_with_a_killed_launcher(tmp_path):
+    """SIGKILL gives DomainBed's sweep no chance to clean up; its local_parallel jobs must not
+    train on as orphans (DomainBed's delete_incomplete would then delete a directory in use)."""
+    pid_file = tmp_path / "pid"
+    launcher = subprocess.Popen([PYTHON, "-c", _KILLED_SWEEP, str(pid_file), _WORKER])
+    worker = _wait_for_pid(pid_file, launcher)
+    launcher.kill()
+    launcher.wait()
+    _assert_ends(worker, "the job")

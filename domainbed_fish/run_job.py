@@ -13,9 +13,9 @@ This is what the plugin's sweep launches instead of ``python -m domainbed.script
   and trained from the start, since DomainBed's ``train`` cannot resume.
 
 ``train`` runs in this process (``runpy``), so killing this process kills the training
-and the kernel releases the lock.  Started by the reproduction command (which sets
-``DOMAINBED_FISH_LAUNCHER_PID``), it also ends when that command ends
-(:mod:`domainbed_fish.lifetime`).
+and the kernel releases the lock.  Started by a launcher that sets
+``DOMAINBED_FISH_LAUNCHER_PID`` (the reproduction command, ``local_parallel``), it also asks
+to end when its parent ends (:mod:`domainbed_fish.lifetime`).
 """
 
 from __future__ import annotations

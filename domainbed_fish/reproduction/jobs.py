@@ -192,6 +192,8 @@ def run_job(output_dir: Path, job: TrainJob, threads: int, runner: JobRunner | N
     directory = run_dir(output_dir, job)
     if is_locked(directory):
         return JobOutcome(job, 0.0, still_running(directory))
+    # run_job clears the directory again under the lock; clearing here too means that a job
+    # failing before it gets there is not reported with an earlier attempt's err.txt.
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)

@@ -15,6 +15,7 @@ Nothing changes for DomainBed's own datasets.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -25,10 +26,16 @@ class CdSpritesCNN(nn.Module):
     1, 1, 0), each followed by ReLU, no normalisation.  A 64×64 image becomes a
     128-dimensional feature; DomainBed's ``Classifier`` adds the paper's final
     ``Linear(128, 2)``.
+
+    Weights and activations are kept channels-last (NHWC, :attr:`MEMORY_FORMAT`): on
+    a CPU oneDNN's convolutions in that layout take an ERM or Fish step on CdSprites
+    about a third less time than in NCHW (``benchmarks/cdsprites_memory_format.py``).
+    The function is the same; only floating-point rounding differs.
     """
 
     n_outputs = 128
     INPUT_SIZE = (64, 64)
+    MEMORY_FORMAT = torch.channels_last
 
     def __init__(self, input_shape: tuple[int, ...]):
         super().__init__()
@@ -40,9 +47,10 @@ class CdSpritesCNN(nn.Module):
         for c_in, c_out, padding in zip(widths[:-1], widths[1:], paddings, strict=True):
             layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=padding), nn.ReLU()]
         self.layers = nn.Sequential(*layers, nn.Flatten())
+        self.to(memory_format=self.MEMORY_FORMAT)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
+        return self.layers(x.contiguous(memory_format=self.MEMORY_FORMAT))
 
 
 class ZeroInitWidth(int):

@@ -140,7 +140,7 @@ class FishUpdater:
         self.inner_network = copy.deepcopy(network).train()
         self.inner_optimizer = self._optimizer(self.inner_network, config.inner_optimizer)
         # Used only by the ERM warm-up steps (fish_warmup_steps).
-        self.warmup_optimizer = self._optimizer(self.network, "adam")
+        self.warmup_optimizer = make_optimizer("adam", self.network.parameters(), config.lr, config.weight_decay)
         self.generator = torch.Generator()
         self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
         self.num_updates = 0

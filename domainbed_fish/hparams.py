@@ -57,7 +57,8 @@ FISH_HPARAMS: tuple[HParam, ...] = (
     HParam("fish_inner_optimizer", "adam", _fixed("adam"),
            f"inner-loop optimizer, one of {OPTIMIZERS}"),
     HParam("fish_inner_momentum", 0.9, _fixed(0.9),
-           "momentum of the inner optimizer when it is 'sgd'"),
+           "momentum of the inner optimizer: SGD's momentum, or Adam's β₁ (0.9 is "
+           "DomainBed's Adam)"),
     HParam("fish_reload_inner_state", True, _fixed(True),
            "carry the inner optimizer's state over between outer steps (DomainBed, "
            "WILDS); False: a fresh inner optimizer every step (official CdSprites code)"),

@@ -19,11 +19,11 @@ def make_optimizer(
     momentum: float = 0.9,
 ) -> torch.optim.Optimizer:
     """``adam`` (DomainBed's default), ``amsgrad`` (Adam with AMSGrad, the official
-    CdSprites/WILDS Fish code) or ``sgd`` with ``momentum``."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "amsgrad":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=True)
+    CdSprites/WILDS Fish code) or ``sgd``; ``momentum`` is SGD's momentum or Adam's β₁
+    (0.9, the default, is torch's and DomainBed's Adam)."""
+    if name in ("adam", "amsgrad"):
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, betas=(momentum, 0.999),
+                                amsgrad=name == "amsgrad")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")

@@ -128,18 +128,20 @@ def reference_fish_step(net, batches, order, make_optimizer, epsilon):
 
 
 @pytest.mark.parametrize(
-    "name, make_optimizer, epsilon_rule",
+    "name, momentum, make_optimizer, epsilon_rule",
     [
-        ("adam", lambda p: torch.optim.Adam(p, lr=1e-2), "meta_lr"),
-        ("amsgrad", lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True), "meta_lr/meta_steps"),
-        ("sgd", lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9), "meta_lr/meta_steps"),
+        ("adam", 0.9, lambda p: torch.optim.Adam(p, lr=1e-2), "meta_lr"),
+        ("adam", 0.0, lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.0, 0.999)), "meta_lr"),
+        ("amsgrad", 0.9, lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True), "meta_lr/meta_steps"),
+        ("sgd", 0.9, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9), "meta_lr/meta_steps"),
     ],
 )
-def test_matches_reference_with_fresh_inner_optimizer_and_random_order(name, make_optimizer, epsilon_rule):
+def test_matches_reference_with_fresh_inner_optimizer_and_random_order(name, momentum, make_optimizer, epsilon_rule):
     batches = domain_minibatches(num_domains=4)
     ours, reference = tiny_net(), tiny_net()
-    config = fish_config(fish_inner_optimizer=name, lr=1e-2, meta_lr=0.3, fish_reload_inner_state=False,
-                         fish_random_order=True, meta_steps=3, fish_epsilon=epsilon_rule, num_domains=4)
+    config = fish_config(fish_inner_optimizer=name, fish_inner_momentum=momentum, lr=1e-2, meta_lr=0.3,
+                         fish_reload_inner_state=False, fish_random_order=True, meta_steps=3,
+                         fish_epsilon=epsilon_rule, num_domains=4)
     updater = FishUpdater(ours, config, seed=0)
     schedule = torch.Generator().manual_seed(0)
     for _ in range(6):

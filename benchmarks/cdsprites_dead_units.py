@@ -32,9 +32,15 @@ def checkpoints(paths: list[Path]) -> list[Path]:
     for path in paths:
         if path.is_dir():
             steps = sorted(path.glob("model_step*.pkl"), key=lambda p: int(re.findall(r"step(\d+)", p.name)[0]))
-            found += steps + [p for p in [path / "model.pkl"] if p.exists()]
-        else:
+            in_dir = steps + [p for p in [path / "model.pkl"] if p.exists()]
+            if not in_dir:
+                raise SystemExit(f"{path}: no model.pkl or model_step*.pkl in it; train with DomainBed's "
+                                 "--save_model_every_checkpoint for the per-step ones")
+            found += in_dir
+        elif path.is_file():
             found.append(path)
+        else:
+            raise SystemExit(f"{path}: no such run directory or checkpoint file")
     return found
 
 
@@ -66,6 +72,8 @@ def main() -> None:
     for path in checkpoints(args.paths):
         saved = torch.load(path, map_location="cpu", weights_only=False)
         run, hparams = saved["args"], saved["model_hparams"]
+        if not run["dataset"].startswith("CdSprites"):
+            raise SystemExit(f"{path}: a checkpoint of {run['dataset']}; give checkpoints of CdSprites-N runs")
         key = (run["dataset"], tuple(run["test_envs"]), repr(sorted(hparams.items())))
         if key not in probes:
             dataset = datasets.get_dataset_class(run["dataset"])(None, run["test_envs"], hparams)

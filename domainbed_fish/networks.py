@@ -16,6 +16,7 @@ Nothing changes for DomainBed's own datasets.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -30,7 +31,9 @@ class CdSpritesCNN(nn.Module):
     Weights and activations are kept channels-last (NHWC, :attr:`MEMORY_FORMAT`): on
     a CPU oneDNN's convolutions in that layout take an ERM or Fish step on CdSprites
     about a third less time than in NCHW (``benchmarks/cdsprites_memory_format.py``).
-    The function is the same; only floating-point rounding differs.
+    The function is the same; only floating-point rounding differs.  The fifth
+    convolution's kernel covers its whole 4×4 input, so it runs as the matrix product it
+    is (:class:`WholeInputConv2d`).
     """
 
     n_outputs = 128
@@ -45,12 +48,33 @@ class CdSpritesCNN(nn.Module):
         paddings = (1, 1, 1, 1, 0)
         layers: list[nn.Module] = []
         for c_in, c_out, padding in zip(widths[:-1], widths[1:], paddings, strict=True):
-            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=padding), nn.ReLU()]
+            conv = WholeInputConv2d if padding == 0 else nn.Conv2d
+            layers += [conv(c_in, c_out, kernel_size=4, stride=2, padding=padding), nn.ReLU()]
         self.layers = nn.Sequential(*layers, nn.Flatten())
         self.to(memory_format=self.MEMORY_FORMAT)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x.contiguous(memory_format=self.MEMORY_FORMAT))
+
+
+class WholeInputConv2d(nn.Conv2d):
+    """A ``Conv2d`` that, when its kernel covers its whole unpadded input, runs as a matrix product.
+
+    Such a convolution has one output position: ``y[n, o] = b[o] + Σ_{c,h,w} W[o, c, h, w]
+    x[n, c, h, w]``, a ``Linear`` layer on the flattened input.  On a CPU oneDNN runs the
+    CdSprites network's last convolution (128 → 128 channels, 4×4 kernel on a 4×4 input)
+    at about a tenth of a matrix product's speed, forward and backward (1.3 and 2.8 ms a
+    32-image step on one thread, a tenth of the whole network's step).  Flattening both in
+    (h, w, c) order makes the flattening a view of channels-last tensors.  The parameters,
+    their names and their layout are ``Conv2d``'s; other input sizes take ``Conv2d``'s path.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or tuple(x.shape[-2:]) != self.kernel_size or self.padding != (0, 0) or self.groups != 1:
+            return super().forward(x)
+        flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+        return F.linear(flat, weight, self.bias)[:, :, None, None]
 
 
 class ZeroInitWidth(int):

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from domainbed_fish.gradients import mean_pairwise_inner_product, per_domain_gradients, per_domain_losses
-from domainbed_fish.networks import CdSpritesCNN
+from domainbed_fish.networks import CdSpritesCNN, WholeInputConv2d
 from domainbed_fish.second_order import cheap_double_backward
 
 
@@ -75,3 +75,28 @@ def test_idgm_second_order_gradient_is_the_same_in_either_layout(cheap):
     torch.testing.assert_close(gip_cl, gip_nchw, rtol=1e-4, atol=1e-9)
     for a, b in zip(grads_cl, grads_nchw, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["NHWC", "NCHW"])
+def test_whole_input_convolution_is_the_convolution(memory_format):
+    """The last convolution as a matrix product: same values and gradients as ``F.conv2d``;
+    inputs its kernel does not cover whole take ``Conv2d``'s own path."""
+    torch.manual_seed(3)
+    conv = WholeInputConv2d(128, 16, kernel_size=4, stride=2).to(memory_format=memory_format)
+    x = torch.randn(6, 128, 4, 4).contiguous(memory_format=memory_format).requires_grad_()
+    y = conv(x)
+    reference_x = x.detach().clone().requires_grad_()
+    reference = F.conv2d(reference_x, conv.weight.detach(), conv.bias.detach(), stride=2)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-6)
+    assert y.shape == (6, 16, 1, 1)
+    upstream = torch.randn_like(y)
+    weight_grad, bias_grad, input_grad = torch.autograd.grad(y, (conv.weight, conv.bias, x), upstream)
+    ref_input_grad, = torch.autograd.grad(reference, reference_x, upstream)
+    torch.testing.assert_close(input_grad, ref_input_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight_grad, torch.einsum("no,nchw->ochw", upstream[:, :, 0, 0], x.detach()),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias_grad, upstream.sum((0, 2, 3)))
+
+    larger = torch.randn(2, 128, 6, 6)  # 2×2 output positions: Conv2d's path
+    torch.testing.assert_close(conv(larger), F.conv2d(larger, conv.weight, conv.bias, stride=2), rtol=1e-5, atol=1e-6)
+    assert list(conv.state_dict()) == ["weight", "bias"]

@@ -17,12 +17,14 @@ resident memory stays near its peak (about 15% above the default policy's peak i
 measurement above).  It changes no result: only where tensors live.
 
 Training jobs started by the plugin (``domainbed_fish.run_job``: the plugin's sweeps and
-the reproduction command) apply it.  For DomainBed's own launchers, which start
-``domainbed.scripts.train`` directly, glibc reads the same policy from the environment::
+the reproduction command) apply it.  Commands that the plugin's launchers (``local_parallel``,
+``submitit``) run for DomainBed's own ``sweep``, which start ``domainbed.scripts.train``
+directly, get the same policy through the environment, which glibc reads at start-up
+(:func:`job_environment`); for DomainBed's other launchers, export it yourself::
 
     export GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824
 
-``DOMAINBED_FISH_MALLOC=system`` leaves glibc's defaults alone.  Elsewhere than
+``DOMAINBED_FISH_MALLOC=system`` leaves glibc's defaults alone (in both ways).  Elsewhere than
 Linux with glibc (macOS, musl) nothing is changed.
 """
 
@@ -66,6 +68,15 @@ def _glibc() -> ctypes.CDLL | None:
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return None
     return libc
+
+
+def job_environment(env: dict[str, str]) -> dict[str, str]:
+    """What to add to ``env`` so that a job started with it gets the policy from glibc:
+    ``GLIBC_TUNABLES``, unless the policy is ``system``, the C library is not glibc, or
+    ``env`` already sets ``GLIBC_TUNABLES`` (the user's own tunables are left alone)."""
+    if "GLIBC_TUNABLES" in env or chosen_policy() == "system" or _glibc() is None:
+        return {}
+    return {"GLIBC_TUNABLES": GLIBC_TUNABLES}
 
 
 def reuse_freed_memory() -> bool:

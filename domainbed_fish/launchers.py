@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from domainbed_fish.allocator import job_environment
 from domainbed_fish.lifetime import LAUNCHER_PID_VARIABLE
 from domainbed_fish.results import train_error_tail
 
@@ -126,7 +127,8 @@ def local_parallel(
     (DomainBed's ``train`` writes it to the job's ``out.txt``/``err.txt``) unless
     ``verbose`` (default: ``DOMAINBED_FISH_VERBOSE=1``); a failing command's stderr is.
     Each command runs under :func:`domainbed_fish.lifetime.supervise`, so it ends when this
-    launcher ends, however it ends.
+    launcher ends, however it ends, and with glibc set to keep freed memory
+    (:func:`domainbed_fish.allocator.job_environment`).
     """
     if verbose is None:
         verbose = os.environ.get("DOMAINBED_FISH_VERBOSE", "0") == "1"
@@ -136,6 +138,7 @@ def local_parallel(
     if workers is not None and workers < 1:
         raise ValueError(f"local_parallel: workers must be at least 1, got {workers}")
     base_env = dict(os.environ)
+    base_env.update(job_environment(base_env))  # glibc keeps freed memory (allocator.py)
     if gpus:
         slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus[: workers or len(gpus)]]
     else:
@@ -256,7 +259,9 @@ class TrainCommand:
     """
 
     def __call__(self, command: str) -> int:
-        status = subprocess.call(with_this_interpreter(command), shell=True)
+        env = dict(os.environ)
+        env.update(job_environment(env))  # glibc keeps freed memory (allocator.py)
+        status = subprocess.call(with_this_interpreter(command), shell=True, env=env)
         if status != 0:
             raise RuntimeError(f"command failed with exit status {status}: {command}")
         return status

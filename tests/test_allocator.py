@@ -89,3 +89,32 @@ def test_glibc_tunables_apply_the_policy_without_the_plugin():
     tuned = json.loads(out)
     assert not tuned["applied"]  # mallopt was not called: the environment did it
     assert tuned["faults"] * 10 < _cycles("system")["faults"]
+
+
+@glibc_only
+def test_job_environment_adds_the_tunables_unless_set_or_switched_off(monkeypatch):
+    monkeypatch.delenv(POLICY_VARIABLE, raising=False)
+    assert allocator.job_environment({}) == {"GLIBC_TUNABLES": allocator.GLIBC_TUNABLES}
+    assert allocator.job_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {}
+    monkeypatch.setenv(POLICY_VARIABLE, "system")
+    assert allocator.job_environment({}) == {}
+
+
+_PRINT_TUNABLES = "python -c \"import os; print(os.environ.get('GLIBC_TUNABLES', 'unset'))\" > {out}"
+
+
+@glibc_only
+@pytest.mark.parametrize("policy", ["reuse", "system"])
+def test_launchers_start_domainbeds_commands_with_the_policy(tmp_path, monkeypatch, policy):
+    """DomainBed's own sweep hands the launchers plain ``domainbed.scripts.train`` commands:
+    the policy reaches them through the environment."""
+    from domainbed_fish.launchers import TrainCommand, local_parallel
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv(POLICY_VARIABLE, policy)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert local_parallel([_PRINT_TUNABLES.format(out=tmp_path / "local")], workers=1, progress=False) == [0]
+    assert TrainCommand()(_PRINT_TUNABLES.format(out=tmp_path / "submitit")) == 0
+    expected = allocator.GLIBC_TUNABLES if policy == "reuse" else "unset"
+    assert (tmp_path / "local").read_text().strip() == expected
+    assert (tmp_path / "submitit").read_text().strip() == expected

@@ -6,7 +6,6 @@ import json
 import os
 import runpy
 import subprocess
-import sys
 
 import pytest
 from conftest import PYTHON
@@ -81,7 +80,6 @@ def test_run_job_applies_the_policy_before_training(monkeypatch, tmp_path):
     assert events == ["policy", "domainbed.scripts.train"]
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc reads GLIBC_TUNABLES at start-up")
 @glibc_only
 def test_glibc_tunables_apply_the_policy_without_the_plugin():
     env = {**os.environ, POLICY_VARIABLE: "system", "GLIBC_TUNABLES": allocator.GLIBC_TUNABLES}

@@ -17,7 +17,7 @@ from domainbed_fish.lifetime import is_alive
 from domainbed_fish.lockfile import JobLock, holder_pid, is_locked
 from domainbed_fish.reproduction import jobs as jobs_module
 from domainbed_fish.reproduction.presets import GIP_TRACE_N, PRESETS, TrainJob, get_preset
-from domainbed_fish.reproduction.report import REPORT_FILES, targets
+from domainbed_fish.reproduction.report import REPORT_FILES, render_markdown, targets, training_seconds
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -261,6 +261,25 @@ def test_targets_read_the_summary():
     assert checks["toy held-out accuracy, ERM ≈ 57%"] is True
 
 
+def test_training_seconds_weight_each_checkpoints_step_time_by_the_steps_it_covers():
+    # DomainBed logs at steps 0, 5, 10 and the last (15 of 16): step 0 alone, then 5 steps each
+    records = [{"step": 10, "step_time": 0.5}, {"step": 0, "step_time": 3.0},
+               {"step": 15, "step_time": 0.25}, {"step": 5, "step_time": 1.0}]
+    assert training_seconds(records) == pytest.approx(3.0 + 5 * 1.0 + 5 * 0.5 + 5 * 0.25)
+    assert training_seconds([]) == 0.0
+
+
+def test_the_report_states_the_least_time_the_training_steps_allow():
+    preset = get_preset("default")
+    summary = {"toy": {}, "cdsprites": {}, "gip_n15": {}, "cosine_n15": {},
+               "compute": {"train_minutes": 121.0, "toy_train_minutes": 1.5,
+                           "cdsprites_train_minutes_per_job": {"IDGM": {"15": 5.5, "30": 11.2}}}}
+    report = render_markdown(preset, summary, [])
+    assert "| IDGM | — | 5.5 | 11.2 |" in report
+    assert "add up to 121.0 min (the toy's 1.5)" in report
+    assert "60.5 min two at a time" in report
+
+
 def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainbed, tmp_path):
     out = tmp_path / "reproduction"
     command = [PYTHON, "-m", "domainbed_fish.reproduction", "--quick", "--output_dir", str(out)]
@@ -280,6 +299,12 @@ def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainb
     report = (out / "report.md").read_text()
     assert "| Fish |" in report and "## The paper's findings, as measured here" in report
     assert "this invocation ran 11 of the 11 jobs in" in report
+    by_run = [[json.loads(line) for line in path.open()] for path in (out / "runs").glob("*/results.jsonl")]
+    assert len(by_run) == 11
+    expected_minutes = sum(map(training_seconds, by_run)) / 60
+    assert expected_minutes > 0
+    assert summary["compute"]["train_minutes"] == pytest.approx(expected_minutes)
+    assert "## Compute" in report
     assert (out / "figure4_accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
     # DomainBed's own collect_results reads the runs
     collected = subprocess.run([PYTHON, "-m", "domainbed.scripts.collect_results", "--input_dir", str(out / "runs")],

@@ -33,6 +33,7 @@ class RunResult:
     selected_acc: float  # training-domain validation
     final_acc: float  # end of training
     final_step: int
+    train_seconds: float = 0.0  # DomainBed's training steps only (:func:`training_seconds`)
     weights: dict[str, float] | None = None  # linear toy only
     gip: list[tuple[int, float, float]] = field(default_factory=list)  # (step, Ĝ, cosine)
 
@@ -41,6 +42,21 @@ def _selected_acc(records: list[dict[str, Any]]) -> float:
     model_selection = import_domainbed("model_selection")
     query = import_domainbed("lib.query")
     return float(model_selection.IIDAccuracySelectionMethod.run_acc(query.Q(records))["test_acc"])
+
+
+def training_seconds(records: Sequence[dict[str, Any]]) -> float:
+    """Seconds a run spent in DomainBed's training steps: Σ over checkpoints of ``step_time × steps``.
+
+    DomainBed's train script logs at each checkpoint ``step_time``, the mean wall time of the
+    training steps since the previous checkpoint (minibatch fetch and ``update()``, not the
+    evaluation), so the record at step s covers steps prev+1 … s, the first one step 0 alone.
+    With one thread per job this is the run's training compute in core-seconds.
+    """
+    total, previous = 0.0, -1
+    for record in sorted(records, key=lambda r: r["step"]):
+        total += float(record["step_time"]) * (int(record["step"]) - previous)
+        previous = int(record["step"])
+    return total
 
 
 def toy_weights(run: Path) -> dict[str, float]:
@@ -63,7 +79,8 @@ def collect(output_dir: Path, jobs: Sequence[TrainJob]) -> tuple[list[RunResult]
             missing.append(job)
             continue
         last = max(records, key=lambda r: r["step"])
-        result = RunResult(job, _selected_acc(records), float(last[f"env{job.test_env}_in_acc"]), int(last["step"]))
+        result = RunResult(job, _selected_acc(records), float(last[f"env{job.test_env}_in_acc"]), int(last["step"]),
+                           training_seconds(records))
         if job.dataset == "LinearToy":
             result.weights = toy_weights(run)
         if job.save_every_checkpoint:
@@ -116,8 +133,18 @@ def summarise(preset: Preset, results: Sequence[RunResult]) -> dict[str, Any]:
          for algorithm, steps in _gip_by_algorithm(results, column).items()}
         for column in (1, 2)
     )
+    train_minutes: dict[str, dict[str, float]] = defaultdict(dict)
+    for algorithm in preset.cdsprites_algorithms:
+        for n in preset.cdsprites_sizes:
+            if runs := groups.get((f"CdSprites{n}", algorithm)):
+                train_minutes[algorithm][str(n)] = float(np.mean([r.train_seconds for r in runs])) / 60
+    compute = {
+        "train_minutes": sum(r.train_seconds for r in results) / 60,
+        "toy_train_minutes": sum(r.train_seconds for r in results if r.job.dataset == "LinearToy") / 60,
+        "cdsprites_train_minutes_per_job": dict(train_minutes),
+    }
     return {"preset": preset.name, "toy": toy, "cdsprites": dict(cdsprites), "gip_n15": gip,
-            "cosine_n15": cosine}
+            "cosine_n15": cosine, "compute": compute}
 
 
 def targets(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
@@ -235,6 +262,20 @@ def render_markdown(preset: Preset, summary: dict[str, Any], missing: Sequence[T
                 lines.append(f"| {algorithm} | {measure} | " + " | ".join(
                     f"{trace[str(s)][0]:.3g}" if str(s) in trace else "—" for s in steps) + " |")
         lines.append("")
+
+    compute = summary.get("compute")
+    if compute and compute["train_minutes"] > 0:
+        total = compute["train_minutes"]
+        lines += ["## Compute", "",
+                  "Minutes of DomainBed's training steps per CdSprites job, mean over seeds (DomainBed's "
+                  "`step_time` over every step: evaluation, checkpoints and start-up come on top):", "",
+                  "| algorithm | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        for algorithm, by_n in compute["cdsprites_train_minutes_per_job"].items():
+            lines.append(f"| {algorithm} | " + " | ".join(f"{by_n[n]:.1f}" if n in by_n else "—" for n in ns) + " |")
+        lines += ["", f"The training steps of all finished jobs add up to {total:.1f} min (the toy's "
+                      f"{compute['toy_train_minutes']:.1f}). Run k jobs at a time on this machine, the preset "
+                      f"cannot finish in less than {total:.1f}/k min, however fast everything else: "
+                      f"{total / 2:.1f} min two at a time (`--workers 2`).", ""]
 
     lines += ["## The paper's findings, as measured here", "", "| check | measured | holds |", "|---|---|---|"]
     for what, measured, holds in targets(summary):

@@ -43,6 +43,26 @@ def test_presets_cover_the_paper_and_run_the_headline_jobs_first(name):
         assert {5, 15, 30} <= set(preset.cdsprites_sizes) and preset.seeds >= 3
 
 
+@pytest.mark.parametrize(("steps", "freq"), [(251, 50), (250, 50), (16, 5), (3001, 500), (1, 10), (7, 1)])
+def test_evaluations_are_the_checkpoints_domainbeds_train_loop_evaluates(steps, freq):
+    # train.py evaluates where ``step % checkpoint_freq == 0 or step == n_steps - 1``
+    expected = sum(step % freq == 0 or step == steps - 1 for step in range(steps))
+    assert TrainJob("CdSprites15", "ERM", 0, 15, steps, freq).evaluations == expected
+
+
+def test_job_cost_follows_the_compute_of_algorithm_size_steps_and_evaluation():
+    def cost(algorithm="ERM", n=15, steps=251, freq=50, **hparams):
+        return TrainJob(f"CdSprites{n}", algorithm, 0, n, steps, freq, hparams).cost
+
+    assert cost("IDGM") > cost("CORAL") > cost("Fish") > cost("ERM")
+    assert cost(n=30) > 1.9 * cost(n=15)
+    assert cost(batch_size=64) > cost(batch_size=32)
+    assert cost(steps=501) > 1.9 * cost(steps=251)
+    assert cost(freq=25) > cost(freq=50) and cost(cdsprites_per_domain=1000) < cost()
+    toy = TrainJob("LinearToy", "ERM", 0, 2, 3001, 500).cost
+    assert toy < cost(n=5) / 5
+
+
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(ValueError, match=r"choose one of \['default', 'long', 'quick'\]"):
         get_preset("paper")
@@ -304,6 +324,10 @@ def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainb
     expected_minutes = sum(map(training_seconds, by_run)) / 60
     assert expected_minutes > 0
     assert summary["compute"]["train_minutes"] == pytest.approx(expected_minutes)
+    jobs = {job.name: job for job in get_preset("quick").jobs()}
+    for path in (out / "runs").glob("*/results.jsonl"):
+        assert sum(1 for _ in path.open()) == jobs[path.parent.name].evaluations, path
+    assert "11/11 jobs" in proc.stderr  # the progress bar, paced by the jobs' estimated compute
     assert "## Compute" in report
     assert (out / "figure4_accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
     # DomainBed's own collect_results reads the runs

@@ -85,9 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     failures: list[JobOutcome] = []
     if not args.report_only:
-        with tqdm(total=len(jobs), initial=done, unit="job", desc=f"reproduction ({preset.name})") as bar:
+        # The bar advances by each job's estimated compute, not by job count: the jobs differ
+        # a hundredfold (the toy's first), so a count would make the remaining time meaningless.
+        finished = done
+
+        def description() -> str:
+            return f"reproduction ({preset.name}), {finished}/{len(jobs)} jobs"
+
+        with tqdm(total=sum(job.cost for job in jobs),
+                  initial=sum(job.cost for job in jobs if states[job.name] == "done"), desc=description(),
+                  bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]") as bar:
             def progress(outcome: JobOutcome) -> None:
-                bar.update(1)
+                nonlocal finished
+                finished += 1
+                bar.set_description_str(description(), refresh=False)
+                bar.update(outcome.job.cost)
                 state = "failed" if outcome.error else "done"
                 bar.write(f"{state}: {outcome.job.name} ({outcome.seconds:.0f} s)")
                 if outcome.error:

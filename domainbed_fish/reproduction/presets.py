@@ -88,7 +88,8 @@ class TrainJob:
 #: A CdSprites training step's cost relative to ERM's on the same images, from DomainBed's
 #: ``step_time`` in the default preset's report of stop 21 (its "Compute" section): IDGM 3.0
 #: (exact second-order matching: 9 convolution passes a layer against ERM's 3), CORAL 1.2
-#: (DomainBed's pairwise covariance penalty), Fish 1.15 (its Ĝ probe every 20 steps).  An
+#: (DomainBed's pairwise covariance penalty), Fish 1.15 (one pass per domain in its inner loop,
+#: and its Ĝ probe every 20 steps).  An
 #: ERM image-step took about 0.9 ms there, two single-thread jobs on 2 cores.
 STEP_COST = {"IDGM": 3.0, "CORAL": 1.2, "Fish": 1.15}
 #: Evaluating an image at a checkpoint against an ERM training step on it (a forward pass

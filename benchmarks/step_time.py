@@ -2,6 +2,7 @@
 
     DOMAINBED_DIR=/path/to/DomainBed python benchmarks/step_time.py            # everything
     ... python benchmarks/step_time.py --networks mnist cdsprites --domains 3   # a subset
+    ... python benchmarks/step_time.py --cases cdsprites:15:32 resnet18:3:8      # just these
 
 For every case (network × S domains × batch per domain) all algorithms are built on
 the same random weights and fed the same S minibatches; their ``update()`` calls
@@ -360,7 +361,8 @@ def startup_section(runs: int) -> tuple[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), default=list(NETWORKS))
+    parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), default=None,
+                        help="the grid's networks (default: all of them, or none when --cases is given)")
     parser.add_argument("--domains", nargs="+", type=int, default=[3, 5, 10], help="values of S")
     parser.add_argument("--batch", type=int, default=32, help="examples per domain, small networks")
     parser.add_argument("--resnet-batch", nargs="+", type=int, default=[RESNET_NORMAL_BATCH, 1],
@@ -372,7 +374,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed updates per algorithm first")
     parser.add_argument("--resnet-warmup", type=int, default=1, help="the same, ResNets")
     parser.add_argument("--cases", nargs="+", default=[], metavar="NETWORK:S:BATCH",
-                        help="extra cases after the grid, e.g. resnet18:3:8")
+                        help="run just these cases, e.g. resnet18:3:8 (after the grid of --networks, if given)")
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
     parser.add_argument("--rss", choices=["all", "small", "none"], default="small",
                         help="peak RSS of each algorithm in a fresh process (CPU only), for all networks, "
@@ -395,7 +397,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = []
-    for key in args.networks:
+    for key in args.networks if args.networks is not None else ([] if args.cases else list(NETWORKS)):
         network = NETWORKS[key]
         for batch in args.resnet_batch if network.big else [args.batch]:
             for s in (args.resnet_domains or args.domains) if network.big else args.domains:

@@ -256,6 +256,34 @@ def test_a_killed_reproduction_takes_its_running_jobs_with_it(domainbed, tmp_pat
     assert jobs_module.job_state(tmp_path, job) == "to do"
 
 
+_SCRIPT_CALLING_RUN_JOBS = """
+from pathlib import Path
+from domainbed_fish.reproduction import jobs
+from domainbed_fish.reproduction.presets import TrainJob
+def main():
+    (outcome,) = jobs.run_jobs(Path({out!r}), [TrainJob("LinearToy", "ERM", 0, 2, 3, 2)], workers=1)
+    print("ERROR:", outcome.error)
+{call}
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_script_calling_run_jobs_without_the_main_guard_is_told_the_fix(domainbed, tmp_path, guarded):
+    """Forked jobs import the calling script first; unguarded, each job fails before the train
+    script starts, and the outcome must say why and what to do instead of a bare exit status."""
+    call = 'if __name__ == "__main__":\n    main()' if guarded else "main()"
+    script = tmp_path / "my_reproduction.py"
+    script.write_text(_SCRIPT_CALLING_RUN_JOBS.format(out=str(tmp_path / "out"), call=call))
+    proc = subprocess.run([PYTHON, str(script)], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    error = [line for line in proc.stdout.splitlines() if line.startswith("ERROR:")]
+    if guarded:
+        assert error == ["ERROR: None"], proc.stdout + proc.stderr
+        return
+    assert len(error) == 1 and "before DomainBed's train script started" in error[0], proc.stdout + proc.stderr
+    assert 'put the call under `if __name__ == "__main__":`' in error[0] and 'runner="subprocess"' in error[0]
+    assert "bootstrapping phase" in proc.stderr  # Python's own message, on the launcher's terminal
+
+
 def test_an_unknown_job_runner_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"unknown job runner 'spawn': choose one of \['forkserver', 'subprocess'\]"):
         jobs_module.run_job(tmp_path, TrainJob("LinearToy", "ERM", 0, 2, 4, 2), threads=1, runner="spawn")

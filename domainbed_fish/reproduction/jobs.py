@@ -61,6 +61,15 @@ FORKSERVER_PRELOAD = (
 )
 
 
+#: The error of a forked job that stopped before the train script started: the usual cause is
+#: a script calling :func:`run_jobs` without the ``__main__`` guard, which the job re-imports.
+NOT_STARTED = (
+    "the job's process stopped before DomainBed's train script started; its error is on the "
+    "launcher's terminal. If a script of yours calls run_jobs, put the call under "
+    "`if __name__ == \"__main__\":` (each job imports the script first), or pass runner=\"subprocess\"."
+)
+
+
 def default_job_runner() -> JobRunner:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "subprocess"
 
@@ -181,7 +190,10 @@ def _run_forked(train_args: list[str], threads: int) -> tuple[int, str]:
         process.start()
         process.join()
         stderr = Path(stderr_file.name).read_text(errors="replace")
-    return process.exitcode if process.exitcode is not None else 1, stderr
+    returncode = process.exitcode if process.exitcode is not None else 1
+    if returncode == 1 and not stderr.strip():  # failed before its stderr was redirected
+        stderr = NOT_STARTED
+    return returncode, stderr
 
 
 def run_job(output_dir: Path, job: TrainJob, threads: int, runner: JobRunner | None = None) -> JobOutcome:
@@ -219,7 +231,13 @@ def run_jobs(
     runner: JobRunner | None = None,
 ) -> list[JobOutcome]:
     """Run the unfinished and stale ``jobs``, ``workers`` at a time, each with its share of the
-    cores, started by ``runner`` (default: ``default_job_runner()``)."""
+    cores, started by ``runner`` (default: ``default_job_runner()``).
+
+    A script that calls this needs the ``if __name__ == "__main__":`` guard around the call,
+    as for any multiprocessing program: the ``forkserver`` runner's jobs import the calling
+    script before they start, and without the guard each would try to start jobs itself
+    (Python's multiprocessing then stops it with a ``RuntimeError`` about the bootstrapping
+    phase, and every job fails).  ``runner="subprocess"`` has no such requirement."""
     runner = runner or default_job_runner()
     states = {job.name: job_state(output_dir, job) for job in jobs}
     for job in jobs:

@@ -183,17 +183,16 @@ def _forkserver_context() -> multiprocessing.context.BaseContext:
 
 def _run_forked(train_args: list[str], threads: int) -> tuple[int, str]:
     """(exit status, stderr) of the train script forked from the preloaded server."""
-    # The job clears its directory when it starts, so its stderr is kept outside it.
-    with tempfile.NamedTemporaryFile(prefix="domainbed_fish-job-", suffix=".stderr") as stderr_file:
+    # The job clears its directory when it starts, so its stderr is kept outside it. The child
+    # creates the file: without it, the child failed before reaching the train script.
+    with tempfile.TemporaryDirectory(prefix="domainbed_fish-job-") as folder:
+        stderr_path = Path(folder) / "stderr.txt"
         process = _forkserver_context().Process(target=_train_in_forked_child,
-                                                args=(train_args, stderr_file.name, threads, _job_env(threads)))
+                                                args=(train_args, str(stderr_path), threads, _job_env(threads)))
         process.start()
         process.join()
-        stderr = Path(stderr_file.name).read_text(errors="replace")
-    returncode = process.exitcode if process.exitcode is not None else 1
-    if returncode == 1 and not stderr.strip():  # failed before its stderr was redirected
-        stderr = NOT_STARTED
-    return returncode, stderr
+        stderr = stderr_path.read_text(errors="replace") if stderr_path.exists() else NOT_STARTED
+    return process.exitcode if process.exitcode is not None else 1, stderr
 
 
 def run_job(output_dir: Path, job: TrainJob, threads: int, runner: JobRunner | None = None) -> JobOutcome:

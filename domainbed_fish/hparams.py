@@ -261,10 +261,10 @@ CDSPRITES_HPARAMS: tuple[HParam, ...] = (
 #: Fish keeps DomainBed's environment order: a random order (the paper's CdSprites code,
 #: Theorem 3.1) left CdSprites-15 at chance after 250 steps through DomainBed's train
 #: script (48%, 50%, 49% over 3 seeds, against 77%, 52%, 52% in environment order;
-#: README "Reproduction").  Fish starts with 50 ERM steps (the official code's
-#: ``pretrain_iters``): without them N = 30 inner Adam steps per outer step left two of
-#: three seeds at the constant predictor (50%, 51%, 98% at step 250; with them 98.8%,
-#: 98.6%, 97.4%).
+#: docs/reproduction/findings.md, "Domain order").  Fish starts with 50 ERM steps (the
+#: official code's ``pretrain_iters``): without them N = 30 inner Adam steps per outer step
+#: left two of three seeds at the constant predictor (50%, 51%, 98% at step 250; with them
+#: 98.8%, 98.6%, 97.4%).
 CDSPRITES_ALGORITHM_HPARAMS: dict[str, tuple[HParam, ...]] = {
     "Fish": (
         HParam("fish_warmup_steps", 50, lambda r: int(r.choice([0, 50, 100])),

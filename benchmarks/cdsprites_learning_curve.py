@@ -50,6 +50,26 @@ HOLDOUT_FRACTION = 0.2  # DomainBed's default
 INIT_NONLINEARITY = {"he": "relu", "lecun": "linear"}
 
 
+def setup(algorithm: str, domains: int, seed: int, overrides: str) -> tuple:
+    """(dataset, algorithm class, hparams, generator) of a CdSprites-N run, everything seeded.
+
+    hparams are DomainBed's defaults for ``algorithm`` on CdSprites-N, then the preset's sizes,
+    then ``overrides`` (JSON).  DomainBed's lookups come first: on a typo they name the choices.
+    """
+    algorithms = import_domainbed("algorithms")
+    datasets = import_domainbed("datasets")
+    name = f"CdSprites{domains}"
+    dataset_class = datasets.get_dataset_class(name)
+    algorithm_class = algorithms.get_algorithm_class(algorithm)
+    registry = import_domainbed("hparams_registry")
+    hparams = {**registry.default_hparams(algorithm, name), **PRESET_HPARAMS, **json.loads(overrides)}
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    return dataset_class("", [domains], hparams), algorithm_class, hparams, generator
+
+
 def split(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """(training part, held-out part) of one domain, as DomainBed's holdout fraction."""
     perm = torch.randperm(len(y), generator=generator)
@@ -92,20 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    registry = import_domainbed("hparams_registry")
-    algorithms = import_domainbed("algorithms")
-    datasets = import_domainbed("datasets")
-    name = f"CdSprites{args.domains}"
-    # DomainBed's lookups first: on a typo they name the available choices.
-    dataset_class = datasets.get_dataset_class(name)
-    algorithm_class = algorithms.get_algorithm_class(args.algorithm)
-    hparams = {**registry.default_hparams(args.algorithm, name), **PRESET_HPARAMS, **json.loads(args.hparams)}
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-
-    dataset = dataset_class("", [args.domains], hparams)
+    dataset, algorithm_class, hparams, generator = setup(args.algorithm, args.domains, args.seed, args.hparams)
     *training, decorrelated = list(dataset)
     train_parts, val_parts = [], []
     for env in training:

@@ -25,19 +25,14 @@ double backward for the measurement, outside the algorithm; training is unchange
 from __future__ import annotations
 
 import argparse
-import json
-import random
 
-import numpy as np
 import torch
+from cdsprites_learning_curve import setup  # a sibling script: the same data and hyperparameters
 from torch import Tensor
 
 import domainbed_fish  # noqa: F401  (registers the datasets and algorithms)
 from domainbed_fish.gradients import mean_pairwise_inner_product, per_domain_gradients, per_domain_losses
-from domainbed_fish.locate import import_domainbed
 from domainbed_fish.optim import step_metric
-
-PRESET_HPARAMS = {"cdsprites_per_domain": 1000, "batch_size": 32}
 
 
 def weighted_norm(tensor: Tensor, weight: Tensor | None) -> float:
@@ -80,21 +75,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    registry = import_domainbed("hparams_registry")
-    algorithms = import_domainbed("algorithms")
-    datasets = import_domainbed("datasets")
+    dataset, algorithm_class, hparams, generator = setup("IDGM", args.domains, args.seed, args.hparams)
     name = f"CdSprites{args.domains}"
-    dataset_class = datasets.get_dataset_class(name)
-    hparams = {**registry.default_hparams("IDGM", name), **PRESET_HPARAMS, **json.loads(args.hparams)}
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-
-    dataset = dataset_class("", [args.domains], hparams)
     *training, decorrelated = list(dataset)
     train_parts = [(env.masks.unsqueeze(1) * env.colours[:, :, None, None], env.labels) for env in training]
-    algorithm = algorithms.get_algorithm_class("IDGM")(dataset.input_shape, dataset.num_classes, args.domains, hparams)
+    algorithm = algorithm_class(dataset.input_shape, dataset.num_classes, args.domains, hparams)
     gamma, bound = float(hparams["idgm_gamma"]), float(hparams["idgm_penalty_bound"])
     gamma_fish = hparams["lr"] * (args.domains - 1) / 4
     print(f"{name}, seed {args.seed}: γ = {gamma:g}, ρ = {bound:g}, metric {hparams['idgm_bound_metric']}; "

@@ -61,8 +61,13 @@ def setup(algorithm: str, domains: int, seed: int, overrides: str) -> tuple:
     name = f"CdSprites{domains}"
     dataset_class = datasets.get_dataset_class(name)
     algorithm_class = algorithms.get_algorithm_class(algorithm)
+    try:
+        overrides_dict = json.loads(overrides)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--hparams is not valid JSON ({error}): pass an object such as "
+                         """'{"lr": 0.002}'""") from None
     registry = import_domainbed("hparams_registry")
-    hparams = {**registry.default_hparams(algorithm, name), **PRESET_HPARAMS, **json.loads(overrides)}
+    hparams = {**registry.default_hparams(algorithm, name), **PRESET_HPARAMS, **overrides_dict}
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -1,7 +1,8 @@
 """Learning curve of one algorithm on CdSprites-N, fast, for diagnosing the N = 15 results.
 
     python benchmarks/cdsprites_learning_curve.py --algorithm Fish --domains 15 --seed 0 \
-        [--steps 251] [--every 50] [--hparams '{"meta_lr": 0.1}'] [--shape_only] [--init he] [--linearity]
+        [--steps 251] [--every 50] [--hparams '{"meta_lr": 0.1}'] [--shape_only] [--init he] [--linearity] \
+        [--per_domain] [--centre_palettes] [--rounds 2]
 
 The algorithm and its hyperparameters are DomainBed's (``default_hparams`` for the
 dataset, then ``--hparams``; the reproduction preset's 1,000 sprites per domain and 32
@@ -24,7 +25,15 @@ Controls:
   outcome is a race out of the default initialisation's plateau;
 - ``--linearity`` prints, for the initial network (after ``--init``), how much of each
   convolution's pre-activations varies with the image and how much its ReLUs' on/off
-  pattern does (``input_dependence``), then stops: how close to affine the network starts.
+  pattern does (``input_dependence``), then stops: how close to affine the network starts;
+- ``--per_domain`` adds each training domain's validation accuracy, the domains ordered by the
+  cosine between their colour difference (label-1 colour minus label-0 colour) and its mean
+  over domains, and ``--centre_palettes`` shifts each palette entry by half that mean (label 0
+  up, label 1 down, the decorrelated environment's colours with them) so that the mean is zero:
+  whether the colour cue the domains share on average is what an algorithm fits;
+- ``--rounds k`` gives the algorithm k fresh minibatches of every domain per step (for Fish,
+  kS inner steps per outer step over S distinct domains): whether Fish at N needs N domains or
+  only N inner steps per outer step.
 """
 
 from __future__ import annotations
@@ -112,23 +121,49 @@ def main() -> None:
     parser.add_argument("--shape_only", action="store_true")
     parser.add_argument("--init", choices=("default", *INIT_NONLINEARITY), default="default")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--per_domain", action="store_true",
+                        help="also print each training domain's validation accuracy, ordered by how far its "
+                             "colour difference points along the mean over domains")
+    parser.add_argument("--centre_palettes", action="store_true",
+                        help="shift every palette so that the colour differences average to zero over domains")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh minibatches of every domain this many times over per step (Fish: "
+                             "inner steps per outer step)")
     parser.add_argument("--linearity", action="store_true",
                         help="print how far the initial network is from linear in its input, then stop")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give each domain at least one minibatch a step (--rounds 1 or more)")
     torch.set_num_threads(args.threads)
 
     dataset, algorithm_class, hparams, generator = setup(args.algorithm, args.domains, args.seed, args.hparams)
     *training, decorrelated = list(dataset)
+    palettes = torch.stack([torch.stack([env.colours[env.labels == c][0] for c in (0, 1)]) for env in training])
+    mean_difference = (palettes[:, 1] - palettes[:, 0]).mean(0)
+    alignment = torch.nn.functional.cosine_similarity(palettes[:, 1] - palettes[:, 0], mean_difference[None], dim=1)
+    domain_order = alignment.argsort(descending=True)
+    if args.per_domain or args.centre_palettes:
+        print(f"mean colour difference over domains {mean_difference.norm():.3f} (per domain "
+              f"{(palettes[:, 1] - palettes[:, 0]).norm(dim=1).mean():.3f}); cosine of each domain's with it, "
+              f"descending: {' '.join(f'{a:+.2f}' for a in alignment[domain_order])}")
+    shift = torch.stack([mean_difference / 2, -mean_difference / 2]) if args.centre_palettes else torch.zeros(2, 3)
+
+    def recolour(colours: Tensor) -> Tensor:
+        """Each colour moved by its palette entry's shift: colour differences average to zero."""
+        match = (colours[:, None, None] == palettes[None]).all(-1)  # (n, domain, entry)
+        entry = match.any(1).float().argmax(1)
+        return (colours + shift[entry]).clamp(0, 1)
+
     train_parts, val_parts = [], []
     for env in training:
-        colours = env.colours
+        colours = recolour(env.colours)
         if args.shape_only:
             colours = colours[torch.randperm(len(colours), generator=generator)]
         images = env.masks.unsqueeze(1) * colours[:, :, None, None]
         train, val = split(images, env.labels, generator)
         train_parts.append(train)
         val_parts.append(val)
-    test = (decorrelated.images(), decorrelated.labels)
+    test = (decorrelated.masks.unsqueeze(1) * recolour(decorrelated.colours)[:, :, None, None], decorrelated.labels)
 
     algorithm = algorithm_class(dataset.input_shape, dataset.num_classes, args.domains, hparams)
     if args.init != "default":
@@ -158,14 +193,17 @@ def main() -> None:
     start = time.perf_counter()
     for step in range(args.steps):
         minibatches = []
-        for x, y in train_parts:
+        for x, y in train_parts * args.rounds:
             index = torch.randint(len(y), (batch,), generator=generator)
             minibatches.append((x[index], y[index]))
         losses.append(algorithm.update(minibatches)["loss"])
         if step % args.every == 0 or step == args.steps - 1:
-            val = float(np.mean([accuracy(x, y) for x, y in val_parts]))
+            per_domain = [accuracy(x, y) for x, y in val_parts]
+            val = float(np.mean(per_domain))
             print(f"step {step:4d}  loss {np.mean(losses[-args.every:]):.3f}  val {100 * val:5.1f}  "
                   f"decorrelated {100 * accuracy(*test):5.1f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+            if args.per_domain:
+                print("    per domain: " + " ".join(f"{100 * per_domain[d]:3.0f}" for d in domain_order), flush=True)
 
 
 if __name__ == "__main__":

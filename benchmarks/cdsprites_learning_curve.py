@@ -146,10 +146,12 @@ def main() -> None:
         print(f"mean colour difference over domains {mean_difference.norm():.3f} (per domain "
               f"{(palettes[:, 1] - palettes[:, 0]).norm(dim=1).mean():.3f}); cosine of each domain's with it, "
               f"descending: {' '.join(f'{a:+.2f}' for a in alignment[domain_order])}")
-    shift = torch.stack([mean_difference / 2, -mean_difference / 2]) if args.centre_palettes else torch.zeros(2, 3)
+    shift = torch.stack([mean_difference / 2, -mean_difference / 2])
 
     def recolour(colours: Tensor) -> Tensor:
-        """Each colour moved by its palette entry's shift: colour differences average to zero."""
+        """With ``--centre_palettes``, each colour moved by its palette entry's shift."""
+        if not args.centre_palettes:
+            return colours
         match = (colours[:, None, None] == palettes[None]).all(-1)  # (n, domain, entry)
         entry = match.any(1).float().argmax(1)
         return (colours + shift[entry]).clamp(0, 1)

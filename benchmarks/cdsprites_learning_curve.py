@@ -39,6 +39,7 @@ Controls:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -161,11 +162,11 @@ def main() -> None:
         colours = recolour(env.colours)
         if args.shape_only:
             colours = colours[torch.randperm(len(colours), generator=generator)]
-        images = env.masks.unsqueeze(1) * colours[:, :, None, None]
+        images = dataclasses.replace(env, colours=colours).images()
         train, val = split(images, env.labels, generator)
         train_parts.append(train)
         val_parts.append(val)
-    test = (decorrelated.masks.unsqueeze(1) * recolour(decorrelated.colours)[:, :, None, None], decorrelated.labels)
+    test = (dataclasses.replace(decorrelated, colours=recolour(decorrelated.colours)).images(), decorrelated.labels)
 
     algorithm = algorithm_class(dataset.input_shape, dataset.num_classes, args.domains, hparams)
     if args.init != "default":

@@ -78,7 +78,7 @@ def main() -> None:
     dataset, algorithm_class, hparams, generator = setup("IDGM", args.domains, args.seed, args.hparams)
     name = f"CdSprites{args.domains}"
     *training, decorrelated = list(dataset)
-    train_parts = [(env.masks.unsqueeze(1) * env.colours[:, :, None, None], env.labels) for env in training]
+    train_parts = [(env.images(), env.labels) for env in training]
     algorithm = algorithm_class(dataset.input_shape, dataset.num_classes, args.domains, hparams)
     gamma, bound = float(hparams["idgm_gamma"]), float(hparams["idgm_penalty_bound"])
     gamma_fish = hparams["lr"] * (args.domains - 1) / 4

@@ -42,3 +42,24 @@ class UnknownNameError(NotImplementedError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
+
+
+class BatchLargerThanSplitError(ValueError):
+    """A training minibatch asks for more examples than its environment's split holds.
+
+    DomainBed's ``InfiniteDataLoader`` draws ``len(split)`` indices per pass and drops an
+    incomplete batch, so such a loader never yields a batch and the job would hang at its
+    first step instead of failing.
+    """
+
+    def __init__(self, batch_size: int, split_size: int):
+        self.batch_size = batch_size
+        self.split_size = split_size
+        super().__init__(
+            f"batch_size {batch_size} is larger than a training split of {split_size} examples: "
+            "DomainBed's InfiniteDataLoader would never fill a batch and the job would hang. "
+            f"Use a batch_size of at most {split_size} (train: --hparams '{{\"batch_size\": "
+            f"{split_size}}}'; sweep: pin batch_size in the sweep's hparams, since DomainBed "
+            "draws random batch sizes up to 512 for small images), or give every environment "
+            "more examples."
+        )

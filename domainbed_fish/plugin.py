@@ -3,7 +3,9 @@
 Registration is additive and idempotent.  DomainBed's own algorithms, datasets,
 hyperparameters and launchers behave exactly as before, except ``Fish``, whose
 name the plugin takes over; DomainBed's class stays available as
-``FishDomainBed``.  :func:`registered` lists what was added.
+``FishDomainBed``, and the infinite training loaders, which raise
+:class:`~domainbed_fish.errors.BatchLargerThanSplitError` where DomainBed's would hang.
+:func:`registered` lists what was added.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from types import FunctionType, ModuleType
 from typing import Any
 
 from domainbed_fish import registry
-from domainbed_fish.errors import UnknownNameError
+from domainbed_fish.errors import BatchLargerThanSplitError, UnknownNameError
 from domainbed_fish.locate import import_domainbed
 
 _MARK = "_domainbed_fish_registered"
@@ -226,12 +228,53 @@ def register_launchers(command_launchers: ModuleType) -> None:
     setattr(command_launchers, _MARK, True)
 
 
+# ----------------------------------------------------------------------------- data loaders
+
+
+def _failing_fast(loader: type, weighted_fills_any_batch: bool) -> type:
+    """Subclass one of DomainBed's infinite loaders so that a batch larger than its split
+    raises :class:`BatchLargerThanSplitError` instead of hanging.
+
+    Without weights the loaders sample ``len(split)`` indices per pass (with or without
+    replacement) and drop the incomplete batch.  With weights DomainBed samples exactly
+    ``batch_size`` indices: with replacement any split fills that (unchecked), without it
+    torch fails at the first batch with a message that names neither cause nor fix.
+    """
+
+    class Loader(loader):
+        def __init__(self, dataset, weights, batch_size, num_workers):
+            unweighted_or_unfillable = weights is None or not weighted_fills_any_batch
+            if unweighted_or_unfillable and batch_size > len(dataset):
+                raise BatchLargerThanSplitError(batch_size, len(dataset))
+            super().__init__(dataset, weights, batch_size, num_workers)
+
+    Loader.__name__ = Loader.__qualname__ = loader.__name__
+    Loader.__module__ = loader.__module__
+    Loader.__doc__ = loader.__doc__
+    Loader._domainbed_fish_wrapped = True
+    return Loader
+
+
+def register_data_loaders(fast_data_loader: ModuleType) -> None:
+    """Make ``domainbed.lib.fast_data_loader``'s infinite loaders fail fast on a batch that
+    cannot be filled (registered before DomainBed's train script imports them)."""
+    if getattr(fast_data_loader, _MARK, False):
+        return
+    for name, with_replacement in (("InfiniteDataLoader", True), ("InfiniteDataLoaderWithoutReplacement", False)):
+        loader = getattr(fast_data_loader, name, None)
+        if loader is not None and not getattr(loader, "_domainbed_fish_wrapped", False):
+            setattr(fast_data_loader, name, _failing_fast(loader, weighted_fills_any_batch=with_replacement))
+            _record("data loaders", f"{name} (batch larger than the split: clear error)")
+    setattr(fast_data_loader, _MARK, True)
+
+
 _REGISTRARS = {
     "domainbed.algorithms": register_algorithms,
     "domainbed.networks": register_networks,
     "domainbed.hparams_registry": register_hparams,
     "domainbed.datasets": register_datasets,
     "domainbed.command_launchers": register_launchers,
+    "domainbed.lib.fast_data_loader": register_data_loaders,
 }
 
 

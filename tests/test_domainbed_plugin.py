@@ -14,7 +14,8 @@ import torch
 from conftest import PYTHON, requires_domainbed, roundtrip, subprocess_env
 
 from domainbed_fish import registry
-from domainbed_fish.errors import UnknownNameError
+from domainbed_fish.errors import BatchLargerThanSplitError, UnknownNameError
+from domainbed_fish.locate import import_domainbed
 
 pytestmark = requires_domainbed
 
@@ -317,3 +318,44 @@ def test_domainbed_train_script_runs(domainbed, name, tmp_path):
         assert spec.name in records[0]["hparams"]
     checkpoint = torch.load(out / "model.pkl", weights_only=False)
     assert "_extra_state" in checkpoint["model_dict"]
+
+
+# --------------------------------------------------------------------------- DomainBed's training loaders
+
+
+@pytest.mark.parametrize("name", ["InfiniteDataLoader", "InfiniteDataLoaderWithoutReplacement"])
+def test_training_loader_rejects_a_batch_larger_than_its_split(domainbed, name):
+    loader = getattr(import_domainbed("lib.fast_data_loader"), name)
+    split = torch.utils.data.TensorDataset(torch.arange(13))
+    with pytest.raises(BatchLargerThanSplitError, match=r"batch_size 14 is larger than a training split of 13 "
+                                                         r"examples.*at most 13"):
+        loader(split, None, 14, 0)
+    (full,) = next(iter(loader(split, None, 13, 0)))  # the largest batch the split can fill
+    assert full.shape == (13,)
+    if name == "InfiniteDataLoaderWithoutReplacement":
+        assert sorted(full.tolist()) == list(range(13))
+    # Weighted sampling draws batch_size indices: with replacement any batch size fills,
+    # without it none larger than the split does.
+    if name == "InfiniteDataLoader":
+        (weighted,) = next(iter(loader(split, torch.ones(13), 20, 0)))
+        assert weighted.shape == (20,)
+    else:
+        with pytest.raises(BatchLargerThanSplitError, match="batch_size 20"):
+            loader(split, torch.ones(13), 20, 0)
+        (weighted,) = next(iter(loader(split, torch.ones(13), 13, 0)))
+        assert sorted(weighted.tolist()) == list(range(13))
+
+
+def test_domainbed_train_script_fails_fast_on_a_batch_larger_than_the_split(domainbed, tmp_path):
+    # Debug28 holds 16 examples per environment; DomainBed's train script keeps 13 of them
+    # for training (holdout 0.2), and without the plugin's check this job never ends.
+    proc = subprocess.run(
+        [PYTHON, "-m", "domainbed.scripts.train", "--dataset", "Debug28", "--algorithm", "ERM",
+         "--steps", "4", "--test_envs", "0", "--hparams", json.dumps({"batch_size": 32}),
+         "--output_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env(),
+    )
+    assert proc.returncode != 0
+    # DomainBed's train script tees its stderr into the process's stdout (and err.txt).
+    assert "BatchLargerThanSplitError: batch_size 32 is larger than a training split of 13" in proc.stdout
+    assert not (tmp_path / "run" / "done").exists()

@@ -5,8 +5,9 @@ start-up.  It must stay cheap (budget: 5 ms on ``python -c pass``), so it import
 nothing but ``sys`` and ``os`` (both already loaded by ``site``) and does no work
 until one of DomainBed's registry modules is imported.  At that moment it calls
 :func:`domainbed_fish.plugin.on_domainbed_import`, which adds the plugin's
-algorithms, hyperparameters, datasets and launchers to that module, and makes its
-training loaders fail with a clear error on a batch larger than their split.
+algorithms, hyperparameters, datasets and launchers to that module, makes its
+training loaders fail with a clear error on a batch larger than their split, and lets
+its result scripts skip a killed job's truncated ``results.jsonl`` line.
 
 Set ``DOMAINBED_FISH_AUTOLOAD=0`` to switch the hook off for a process.
 """
@@ -25,6 +26,7 @@ WATCHED_MODULES = frozenset(
         "domainbed.datasets",
         "domainbed.command_launchers",
         "domainbed.lib.fast_data_loader",
+        "domainbed.lib.reporting",
     }
 )
 

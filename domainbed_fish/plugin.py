@@ -3,9 +3,10 @@
 Registration is additive and idempotent.  DomainBed's own algorithms, datasets,
 hyperparameters and launchers behave exactly as before, except ``Fish``, whose
 name the plugin takes over; DomainBed's class stays available as
-``FishDomainBed``, and the infinite training loaders, which raise
-:class:`~domainbed_fish.errors.BatchLargerThanSplitError` where DomainBed's would hang.
-:func:`registered` lists what was added.
+``FishDomainBed``; the infinite training loaders, which raise
+:class:`~domainbed_fish.errors.BatchLargerThanSplitError` where DomainBed's would hang;
+and ``reporting.load_records``, which skips a truncated ``results.jsonl`` line with a
+warning where DomainBed's stops.  :func:`registered` lists what was added.
 """
 
 from __future__ import annotations
@@ -268,6 +269,35 @@ def register_data_loaders(fast_data_loader: ModuleType) -> None:
     setattr(fast_data_loader, _MARK, True)
 
 
+# ----------------------------------------------------------------------------- results
+
+
+def _tolerant_load_records(original):
+    """Wrap ``reporting.load_records(path)`` (what ``collect_results`` and
+    ``list_top_hparams`` read a sweep with) with :func:`domainbed_fish.results.load_records`:
+    the same records, every job directory included as DomainBed does, but a truncated line
+    (a job killed while writing) is skipped with a ``MalformedResultsWarning`` naming the
+    file and line, where DomainBed's reader stops with a ``JSONDecodeError``."""
+    from domainbed_fish import results
+
+    @functools.wraps(original)
+    def load_records(path):
+        return results.load_records(path, include_incomplete=True, progress=True)
+
+    load_records._domainbed_fish_wrapped = True
+    return load_records
+
+
+def register_reporting(reporting: ModuleType) -> None:
+    """Let DomainBed's result scripts read a sweep that holds a killed job's truncated line."""
+    if getattr(reporting, _MARK, False):
+        return
+    if not getattr(reporting.load_records, "_domainbed_fish_wrapped", False):
+        reporting.load_records = _tolerant_load_records(reporting.load_records)
+        _record("results readers", "reporting.load_records (a truncated line: warning, not a crash)")
+    setattr(reporting, _MARK, True)
+
+
 _REGISTRARS = {
     "domainbed.algorithms": register_algorithms,
     "domainbed.networks": register_networks,
@@ -275,6 +305,7 @@ _REGISTRARS = {
     "domainbed.datasets": register_datasets,
     "domainbed.command_launchers": register_launchers,
     "domainbed.lib.fast_data_loader": register_data_loaders,
+    "domainbed.lib.reporting": register_reporting,
 }
 
 

@@ -60,8 +60,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                warnings.warn(f"{path}:{lineno}: malformed results line skipped ({exc.msg})",
-                              MalformedResultsWarning, stacklevel=2)
+                warnings.warn(f"{path}:{lineno}: malformed results line skipped ({exc.msg}); a job killed "
+                              "while writing leaves one, and relaunching the sweep retrains a job without "
+                              "'done'", MalformedResultsWarning, stacklevel=2)
                 continue
             if not isinstance(record, dict) or "args" not in record or "step" not in record:
                 warnings.warn(f"{path}:{lineno}: results line without 'args' and 'step' skipped",

@@ -184,12 +184,38 @@ def test_report_survives_a_truncated_line_that_breaks_domainbed(domainbed, tmp_p
     lines = [_record("Debug28", "ERM", [0], s, [(0.25, 0.5), (0.5, 0.5), (0.75, 0.5)]) for s in (0, 2)]
     (run / "results.jsonl").write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[1])[:40])  # killed mid-write
     (run / "done").write_text("done")
+    load_records = import_domainbed("lib.reporting").load_records
     with pytest.raises(json.JSONDecodeError):  # DomainBed's own reader stops here
-        import_domainbed("lib.reporting").load_records(str(tmp_path / "sweep"))
+        load_records.__wrapped__(str(tmp_path / "sweep"))
     with pytest.warns(MalformedResultsWarning, match=r"results.jsonl:2"):
         result = write_report(tmp_path / "sweep", selection=["oracle"], plots=False, progress=False)
     (table,) = result.tables
     assert table.cells["ERM"][0].trials == {0: 0.25}
+    # and so does DomainBed's reader as the plugin registers it (what collect_results calls)
+    with pytest.warns(MalformedResultsWarning, match=r"results.jsonl:2"):
+        records = load_records(str(tmp_path / "sweep"))
+    assert [r["step"] for r in records] == [0]
+
+
+@requires_domainbed
+def test_domainbed_collect_results_survives_a_killed_jobs_truncated_line(tmp_path):
+    sweep = tmp_path / "sweep"
+    rows = {"done": [(0.25, 0.5), (0.5, 0.6), (0.75, 0.7)], "killed": [(0.3, 0.5), (0.6, 0.65), (0.8, 0.75)]}
+    for seed, (name, accs) in enumerate(rows.items()):
+        run = sweep / name
+        run.mkdir(parents=True)
+        lines = [json.dumps(_record("Debug28", "ERM", [0], s, accs, trial=seed)) for s in (0, 2)]
+        text = "\n".join(lines) + "\n"
+        if name == "killed":
+            text = lines[0] + "\n" + lines[1][:40]  # killed while writing its second line
+        else:
+            (run / "done").write_text("done")
+        (run / "results.jsonl").write_text(text)
+    proc = subprocess.run([PYTHON, "-m", "domainbed.scripts.collect_results", "--input_dir", str(sweep)],
+                          capture_output=True, text=True, timeout=600, env=sweep_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"killed/results\.jsonl:2: malformed results line skipped", proc.stderr), proc.stderr
+    assert "Total records: 3" in proc.stdout  # as DomainBed reads them: incomplete jobs included
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -15,6 +15,7 @@ from conftest import PYTHON, REPO, subprocess_env
 from domainbed_fish.hparams import CDSPRITES_ALGORITHM_HPARAMS
 from domainbed_fish.lifetime import is_alive
 from domainbed_fish.lockfile import JobLock, holder_pid, is_locked
+from domainbed_fish.reproduction import __main__ as reproduction_main
 from domainbed_fish.reproduction import jobs as jobs_module
 from domainbed_fish.reproduction.presets import GIP_TRACE_N, PRESETS, TrainJob, get_preset
 from domainbed_fish.reproduction.report import REPORT_FILES, render_markdown, targets, training_seconds
@@ -66,6 +67,27 @@ def test_job_cost_follows_the_compute_of_algorithm_size_steps_and_evaluation():
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(ValueError, match=r"choose one of \['default', 'long', 'quick'\]"):
         get_preset("paper")
+
+
+@pytest.mark.parametrize("below", ["", "sub/dir"])
+def test_an_output_dir_on_a_file_is_refused_with_the_fix(tmp_path, capsys, below):
+    blocking = tmp_path / "results.txt"
+    blocking.write_text("kept")
+    with pytest.raises(SystemExit) as exit_info:
+        reproduction_main.parse_args(["--quick", "--output_dir", str(blocking / below)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{blocking} is a file, not a directory; pass a directory" in error
+    assert blocking.read_text() == "kept"
+
+
+def test_report_only_without_finished_runs_is_refused_and_creates_nothing(domainbed, tmp_path, capsys):
+    output_dir = tmp_path / "never_run"
+    assert reproduction_main.main(["--quick", "--report_only", "--output_dir", str(output_dir)]) == 2
+    error = capsys.readouterr().err
+    assert "--report_only found no finished job of preset quick" in error
+    assert "without --report_only to train them" in error
+    assert not output_dir.exists()
 
 
 def test_job_key_changes_with_anything_that_changes_the_run():

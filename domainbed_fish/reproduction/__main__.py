@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    blocking_file = next((path for path in (args.output_dir, *args.output_dir.parents)
+                          if path.exists() and not path.is_dir()), None)
+    if blocking_file is not None:
+        parser.error(f"--output_dir {args.output_dir}: {blocking_file} is a file, not a directory; pass a "
+                     "directory: a new one, or the one of an earlier run to finish it")
     return args
 
 
@@ -81,7 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             print(f"{states[job.name]:<8}{job.name}")
         return 0
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_only and not done:
+        # An empty report would look like a result; nothing here was trained by this preset.
+        print(f"error: --report_only found no finished job of preset {preset.name} under {output_dir / 'runs'}; "
+              "run the same command without --report_only to train them, or pass the --output_dir "
+              "(and --preset) of an earlier run", file=sys.stderr)
+        return 2
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"error: cannot create --output_dir {output_dir}: {error}; pass a directory you can write to",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
     failures: list[JobOutcome] = []
     if not args.report_only:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class NonFiniteLossError(FloatingPointError):
     """A loss (or the gradient inner product) became NaN or infinite.
@@ -63,3 +65,10 @@ class BatchLargerThanSplitError(ValueError):
             "draws random batch sizes up to 512 for small images), or give every environment "
             "more examples."
         )
+
+
+def file_in_the_way(directory: Path) -> Path | None:
+    """The file, ``directory`` itself or one of its parents, that keeps ``directory`` from
+    being a directory (``None`` if there is none), so that a command can say so before it
+    writes anything instead of failing halfway with ``NotADirectoryError``."""
+    return next((path for path in (directory, *directory.parents) if path.exists() and not path.is_dir()), None)

@@ -413,6 +413,11 @@ def write_report(input_dir: str | os.PathLike, report_dir: str | os.PathLike | N
     input_dir = Path(input_dir)
     report_dir = Path(report_dir) if report_dir is not None else input_dir / "report"
     runs = scan(input_dir, progress=progress)
+    if not runs:
+        # A report of nothing would read "nothing missing"; the directory is the wrong one.
+        raise FileNotFoundError(f"no DomainBed runs in {input_dir}: none of its subdirectories has a "
+                                "results.jsonl or a done marker; pass the sweep's --output_dir, the directory "
+                                "that holds its job directories")
     records = load_records(input_dir, include_incomplete=include_incomplete)
     tables, selected = build_tables(records, selection, progress=progress)
     missing = find_missing(input_dir, tables, runs)

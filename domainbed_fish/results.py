@@ -75,6 +75,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 def scan(input_dir: str | os.PathLike, progress: bool = False) -> list[RunDir]:
     """Every job directory under ``input_dir`` (those with a ``results.jsonl`` or ``done``)."""
     input_dir = Path(input_dir)
+    if input_dir.exists() and not input_dir.is_dir():
+        raise NotADirectoryError(f"sweep directory {input_dir} is a file; pass the sweep's --output_dir, "
+                                 "the directory that holds its job directories")
     if not input_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {input_dir} does not exist; pass the sweep's --output_dir")
     subdirs = sorted(p for p in input_dir.iterdir() if p.is_dir())

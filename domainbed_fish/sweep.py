@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from domainbed_fish import presets as presets_module
+from domainbed_fish.errors import file_in_the_way
 from domainbed_fish.lockfile import is_locked
 from domainbed_fish.selection import needs_pairs, parse_selection, required_test_envs
 
@@ -179,6 +180,13 @@ class SweepConfig:
     command_launcher: str
 
 
+def _refuse_file_as_output_dir(output_dir: str) -> None:
+    blocking_file = file_in_the_way(Path(output_dir))
+    if blocking_file is not None:
+        raise SystemExit(f"error: --output_dir {output_dir}: {blocking_file} is a file, not a directory; "
+                         "pass the sweep's directory (a new one to start a sweep)")
+
+
 def resolve(args: argparse.Namespace) -> SweepConfig:
     """Command line over preset over defaults.
 
@@ -197,6 +205,7 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
 
     if args.output_dir is None:
         raise SystemExit("error: --output_dir is required (the sweep's directory)")
+    _refuse_file_as_output_dir(args.output_dir)
     datasets = pick("datasets")
     if not datasets:
         raise SystemExit("error: give --datasets (or a --preset)")
@@ -357,7 +366,11 @@ def _launcher(config: SweepConfig, args: argparse.Namespace):
 def _confirm(args: argparse.Namespace, question: str) -> bool:
     if args.skip_confirmation:
         return True
-    answer = input(f"{question} (y/n) ")
+    try:
+        answer = input(f"{question} (y/n) ")
+    except EOFError:  # a batch job or a pipe: nobody can answer
+        raise SystemExit(f"\nerror: {question} needs a y/n answer, but standard input is closed; "
+                         "pass --skip_confirmation to go ahead without asking") from None
     return answer.strip().lower().startswith("y")
 
 
@@ -470,14 +483,18 @@ def _main(argv: Sequence[str] | None) -> int:
             selection = parse_selection(args.selection)
         except ValueError as exc:
             raise SystemExit(f"error: --selection: {exc}") from None
-        result = write_report(args.input_dir, args.report_dir, selection=selection,
-                              include_incomplete=args.include_incomplete, plots=not args.no_plots)
+        try:
+            result = write_report(args.input_dir, args.report_dir, selection=selection,
+                                  include_incomplete=args.include_incomplete, plots=not args.no_plots)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise SystemExit(f"error: {exc}") from None
         print(result.markdown)
         print(f"\nWrote {', '.join(str(p) for p in result.files)}")
         return 0
     if args.command in ("status", "delete_incomplete") and not (args.preset or args.datasets):
         if args.output_dir is None:
             raise SystemExit("error: --output_dir is required (the sweep's directory)")
+        _refuse_file_as_output_dir(args.output_dir)
         jobs = jobs_from_manifest(args.output_dir)
     else:
         config = resolve(args)

@@ -6,6 +6,7 @@ share one sweep (``shared_sweep`` in conftest.py).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -106,6 +107,36 @@ def test_bad_sweep_options_say_what_to_do(domainbed, tmp_path, capsys):
     # a separate process: the command line's own error path
     proc = run_sweep("status", "--output_dir", str(tmp_path / "none"))
     assert proc.returncode != 0 and "has no sweep_manifest.json; give the sweep's options" in proc.stderr
+
+
+def test_a_file_in_place_of_the_sweep_directory_is_refused_before_anything_is_written(domainbed, tmp_path, capsys):
+    blocking = tmp_path / "notes.txt"
+    blocking.write_text("kept")
+    for output_dir in (blocking, blocking / "sweep"):
+        for command in ("launch", "dry_run", "status"):
+            with pytest.raises(SystemExit, match=f"{blocking} is a file, not a directory; pass the sweep's directory"):
+                sweep_main(capsys, command, "--preset", "cpu_quick", "--output_dir", str(output_dir))
+        with pytest.raises(SystemExit, match=f"{blocking} is a file, not a directory"):
+            sweep_main(capsys, "status", "--output_dir", str(output_dir))
+    assert blocking.read_text() == "kept"
+
+
+def test_a_launch_nobody_can_confirm_stops_with_the_fix(domainbed, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # closed standard input: a batch job, a pipe
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit, match="standard input is closed; pass --skip_confirmation"):
+        sweep_main(capsys, "launch", "--preset", "cpu_quick", "--output_dir", str(out))
+    assert not out.exists()
+
+
+def test_report_of_a_directory_without_runs_names_the_problem(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("")
+    for name, problem in [("missing", "does not exist"), ("a_file", "is a file"),
+                          ("empty", "no DomainBed runs in .*none of its subdirectories has a results.jsonl")]:
+        with pytest.raises(SystemExit, match=f"{problem}.*pass the sweep's --output_dir"):
+            sweep_main(capsys, "report", "--input_dir", str(tmp_path / name), "--no_plots")
+    assert not (tmp_path / "empty" / "report").exists()
 
 
 @requires_domainbed

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from domainbed_fish.errors import file_in_the_way
 from domainbed_fish.reproduction.jobs import (
     JOB_RUNNERS,
     JobOutcome,
@@ -49,8 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    blocking_file = next((path for path in (args.output_dir, *args.output_dir.parents)
-                          if path.exists() and not path.is_dir()), None)
+    blocking_file = file_in_the_way(args.output_dir)
     if blocking_file is not None:
         parser.error(f"--output_dir {args.output_dir}: {blocking_file} is a file, not a directory; pass a "
                      "directory: a new one, or the one of an earlier run to finish it")

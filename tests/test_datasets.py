@@ -186,6 +186,20 @@ def test_cdsprites_hparams_are_cpu_sized_and_sizes_are_an_option(domainbed):
     assert [len(env) for env in dataset] == [6] * 11
 
 
+@pytest.mark.parametrize(("name", "size_hparam"), [("CdSprites5", "cdsprites_per_domain"), ("LinearToy", "toy_per_domain")])
+def test_dataset_sizes_must_be_whole_numbers(domainbed, name, size_hparam):
+    from domainbed import datasets, hparams_registry
+
+    cls = datasets.get_dataset_class(name)
+    hparams = hparams_registry.default_hparams("ERM", name)
+    whole = {size_hparam: 24.0} if name == "LinearToy" else {size_hparam: np.int64(6), "cdsprites_data_seed": 1.0}
+    assert [len(env) for env in cls("", [0], {**hparams, **whole})] == [int(whole[size_hparam])] * len(cls.ENVIRONMENTS)
+    for bad in (10.5, "20", True):
+        with pytest.raises(ValueError, match=f"{name}: the hyperparameter {size_hparam} must be a whole number, "
+                                             f"got {bad!r}; set it as one"):
+            cls("", [0], {**hparams, size_hparam: bad})
+
+
 @pytest.mark.parametrize(("dataset", "featurizer"), [("CdSprites5", "CdSpritesCNN"), ("Debug28", "MNIST_CNN")])
 def test_every_algorithm_gets_the_cdsprites_network_for_64px_inputs(domainbed, dataset, featurizer):
     from domainbed import algorithms, hparams_registry

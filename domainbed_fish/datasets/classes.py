@@ -9,6 +9,7 @@ Data are generated in memory, so no loader workers are needed.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, ClassVar
 
 from domainbed_fish.datasets.cdsprites import build_cdsprites
@@ -21,6 +22,18 @@ _datasets = import_domainbed("datasets")
 
 def _default(specs, name: str) -> Any:
     return next(spec.default for spec in specs if spec.name == name)
+
+
+def _whole_number(dataset: str, hparams: dict, specs, name: str) -> int:
+    """The integer hyperparameter ``name``; a float is accepted only when it is whole, so that
+    ``2000.0`` works and ``10.5`` or ``"a"`` are refused instead of truncated or unexplained."""
+    value = hparams.get(name, _default(specs, name))
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers are Integral
+        raise ValueError(f"{dataset}: the hyperparameter {name} must be a whole number, got {value!r}; "
+                         f"set it as one, e.g. --hparams '{{\"{name}\": {_default(specs, name)}}}'")
+    return int(value)
 
 
 class CdSprites(_datasets.MultipleDomainDataset):
@@ -44,8 +57,8 @@ class CdSprites(_datasets.MultipleDomainDataset):
         self.datasets = list(
             build_cdsprites(
                 self.NUM_DOMAINS,
-                int(hparams.get("cdsprites_per_domain", _default(CDSPRITES_HPARAMS, "cdsprites_per_domain"))),
-                int(hparams.get("cdsprites_data_seed", _default(CDSPRITES_HPARAMS, "cdsprites_data_seed"))),
+                _whole_number(type(self).__name__, hparams, CDSPRITES_HPARAMS, "cdsprites_per_domain"),
+                _whole_number(type(self).__name__, hparams, CDSPRITES_HPARAMS, "cdsprites_data_seed"),
             )
         )
         self.input_shape = self.INPUT_SHAPE
@@ -91,7 +104,7 @@ class LinearToy(_datasets.MultipleDomainDataset):
 
     def __init__(self, root: str | None, test_envs: list[int], hparams: dict):
         super().__init__()
-        size = int(hparams.get("toy_per_domain", _default(LINEAR_TOY_HPARAMS, "toy_per_domain")))
+        size = _whole_number(type(self).__name__, hparams, LINEAR_TOY_HPARAMS, "toy_per_domain")
         self.datasets = [toy_domain(c, size) for c in (*TRAINING_COORDINATES, HELDOUT_COORDINATE)]
         self.input_shape = self.INPUT_SHAPE
         self.num_classes = 2

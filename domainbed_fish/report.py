@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domainbed_fish.results import load_records, scan
+from domainbed_fish.results import records_of, scan
 from domainbed_fish.selection import SELECTION_METHODS
 
 #: Rows come in this order, then any other algorithm of the sweep.
@@ -418,7 +418,7 @@ def write_report(input_dir: str | os.PathLike, report_dir: str | os.PathLike | N
         raise FileNotFoundError(f"no DomainBed runs in {input_dir}: none of its subdirectories has a "
                                 "results.jsonl or a done marker; pass the sweep's --output_dir, the directory "
                                 "that holds its job directories")
-    records = load_records(input_dir, include_incomplete=include_incomplete)
+    records = records_of(runs, include_incomplete=include_incomplete)
     tables, selected = build_tables(records, selection, progress=progress)
     missing = find_missing(input_dir, tables, runs)
     n_runs = sum(r.done for r in runs)

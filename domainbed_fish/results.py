@@ -103,11 +103,13 @@ def load_records(input_dir: str | os.PathLike, include_incomplete: bool = False,
 
     ``include_incomplete``: also read jobs without ``done`` (as DomainBed does).
     """
+    return records_of(scan(input_dir, progress=progress), include_incomplete)
+
+
+def records_of(runs: list[RunDir], include_incomplete: bool = False):
+    """The records of already scanned runs as DomainBed's ``Q``: finished jobs only unless
+    ``include_incomplete``."""
     from domainbed_fish.locate import import_domainbed
 
     Q = import_domainbed("lib.query").Q
-    records = []
-    for run in scan(input_dir, progress=progress):
-        if run.done or include_incomplete:
-            records += run.records
-    return Q(records)
+    return Q([record for run in runs if run.done or include_incomplete for record in run.records])

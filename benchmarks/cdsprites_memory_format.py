@@ -28,10 +28,15 @@ EVAL_BATCH = 64  # DomainBed's FastDataLoader batch in train.py's evaluation
 
 
 def build(algorithm: str, domains: int, batch: int, layout: torch.memory_format) -> torch.nn.Module:
-    """The DomainBed algorithm at CdSprites' default hyperparameters, seed 0, in ``layout``."""
+    """The DomainBed algorithm at CdSprites' default hyperparameters, seed 0, in ``layout``.
+
+    Fish starts with its own step: with its default warm-up its first 50 updates are ERM's.
+    """
     registry = import_domainbed("hparams_registry")
     algorithms = import_domainbed("algorithms")
     hparams = {**registry.default_hparams(algorithm, f"CdSprites{max(domains, 5)}"), "batch_size": batch}
+    if algorithm == "Fish":
+        hparams["fish_warmup_steps"] = 0  # time Fish's own step, not its 50 ERM warm-up steps
     torch.manual_seed(0)
     model = algorithms.get_algorithm_class(algorithm)((3, 64, 64), 2, domains, hparams)
     for module in model.modules():

@@ -1,0 +1,51 @@
+"""The benchmarks time the steps they name: Fish's and IDGM's own, not a warm-up's ERM step."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from conftest import requires_domainbed
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SMALL_NETWORKS = ["mnist", "cdsprites"]  # the ResNets take the same hyperparameter path
+
+
+def load_benchmark(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_first_update_is_a_fish_step(algorithm: torch.nn.Module, minibatches) -> None:
+    algorithm.update(minibatches)
+    assert algorithm.fish.inner_optimizer.state, "the first update took no inner Fish step"
+    assert not algorithm.fish.warmup_optimizer.state, "the first update was an ERM warm-up step"
+
+
+@requires_domainbed
+@pytest.mark.parametrize("network", SMALL_NETWORKS)
+def test_step_time_runs_fish_and_idgm_from_their_first_update(network: str) -> None:
+    step_time = load_benchmark("step_time")
+    net = step_time.NETWORKS[network]
+    cpu = torch.device("cpu")
+    minibatches = step_time.make_minibatches(net, 3, 4, cpu)
+
+    assert_first_update_is_a_fish_step(step_time.build("Fish", net, 3, cpu), minibatches)
+    stats = step_time.build("IDGM", net, 3, cpu).update(minibatches)
+    assert stats["penalty_weight"] > 0, "IDGM's first update had no penalty (annealing)"
+
+
+@requires_domainbed
+def test_memory_format_benchmark_runs_fish_from_its_first_update() -> None:
+    memory_format = load_benchmark("cdsprites_memory_format")
+    torch.manual_seed(0)
+    minibatches = [(torch.rand(4, 3, 64, 64), torch.randint(0, 2, (4,))) for _ in range(3)]
+    for layout in memory_format.LAYOUTS.values():
+        assert_first_update_is_a_fish_step(memory_format.build("Fish", 3, 4, layout), minibatches)

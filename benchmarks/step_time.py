@@ -45,7 +45,8 @@ several times over, so the timings measured the contention, not the algorithms.
 
 The start-up cost of the plugin's automatic registration (``python -c pass`` with
 and without the hook) is measured in the same run.  The table is printed and
-written as Markdown and JSON to ``--out`` (default ``benchmarks/results/``).
+written as Markdown and JSON to ``--out`` (default ``benchmarks/results/``): the whole grid
+to ``step_time_<device>.md``/``.json``, any subset of it to ``step_time_<device>_subset.*``.
 """
 
 from __future__ import annotations
@@ -388,6 +389,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--rss-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    grid = ("networks", "domains", "batch", "resnet_batch", "resnet_domains", "cases", "algorithms")
+    args.whole_grid = all(getattr(args, name) == parser.get_default(name) for name in grid)
 
     domainbed_fish.register()
     patch_torchvision_resnets()
@@ -451,12 +454,13 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict], sta
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"step_time_{device.type}"
+    # A subset keeps its own file, so that checking one case leaves the whole grid's table alone.
+    stem = f"step_time_{device.type}" + ("" if args.whole_grid else "_subset")
     (out / f"{stem}.md").write_text(text + "\n")
     meta = {
         "title": title, "command": " ".join(sys.argv), "platform": platform.platform(),
         "plugin": domainbed_fish.__version__, "torch": torch.__version__, "device": device.type,
-        "args": {k: v for k, v in vars(args).items() if k != "rss_child"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("rss_child", "whole_grid")},
         "rows": rows, "startup": startup[1] if startup else None, "targets": targets, "git": git_commit(),
     }
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -49,3 +51,17 @@ def test_memory_format_benchmark_runs_fish_from_its_first_update() -> None:
     minibatches = [(torch.rand(4, 3, 64, 64), torch.randint(0, 2, (4,))) for _ in range(3)]
     for layout in memory_format.LAYOUTS.values():
         assert_first_update_is_a_fish_step(memory_format.build("Fish", 3, 4, layout), minibatches)
+
+
+@requires_domainbed
+def test_step_time_subset_leaves_the_whole_grid_table_alone(tmp_path: Path) -> None:
+    grid_table = tmp_path / "step_time_cpu.md"
+    grid_table.write_text("the whole grid\n")
+    command = [sys.executable, str(BENCHMARKS / "step_time.py"), "--cases", "mnist:2:4", "--algorithms", "ERM",
+               "Fish", "--repeats", "1", "--warmup", "1", "--startup-runs", "0", "--rss", "none",
+               "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    assert grid_table.read_text() == "the whole grid\n"
+    subset = (tmp_path / "step_time_cpu_subset.md").read_text()
+    assert "| MNIST_CNN 1×28×28 | 2 | 4 | Fish |" in subset
+    assert json.loads((tmp_path / "step_time_cpu_subset.json").read_text())["args"]["cases"] == ["mnist:2:4"]

@@ -182,6 +182,18 @@ def test_job_lock_is_exclusive_and_dies_with_its_process(tmp_path):
     lock.release()
 
 
+def test_run_job_help_and_missing_output_dir_say_what_it_takes(tmp_path):
+    helped = subprocess.run([PYTHON, "-m", "domainbed_fish.run_job", "--help"], capture_output=True, text=True,
+                            env=sweep_env(), cwd=tmp_path, timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    assert "job lock" in helped.stdout and "domainbed/scripts/train.py" in helped.stdout
+    assert not list(tmp_path.iterdir())  # --help trains nothing
+    missing = subprocess.run([PYTHON, "-m", "domainbed_fish.run_job", "--dataset", "CdSprites5"],
+                             capture_output=True, text=True, env=sweep_env(), cwd=tmp_path, timeout=60)
+    assert missing.returncode == 2
+    assert "--output_dir JOB_DIR <the other arguments of domainbed.scripts.train>" in missing.stderr
+
+
 # ----------------------------------------------------------------------------- results files
 
 

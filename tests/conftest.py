@@ -28,6 +28,10 @@ SKIP_REASON = (
 )
 requires_domainbed = pytest.mark.skipif(not HAVE_DOMAINBED, reason=SKIP_REASON)
 
+#: Where the reference-equivalence tests run: the CPU, and also the GPU on a machine that has
+#: one. Without a GPU the CUDA cases are simply not generated, so nothing is skipped.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
 
 @pytest.fixture
 def domainbed():
@@ -96,23 +100,28 @@ def assert_resumes_identically(original, fresh, batches, steps_before: int, step
         assert torch.equal(p, q)
 
 
-def tiny_net(in_features: int = 4, hidden: int = 6, classes: int = 3, dtype=torch.float64, seed: int = 0) -> nn.Module:
-    """A smooth two-layer network (tanh), small enough for finite differences."""
+def tiny_net(
+    in_features: int = 4, hidden: int = 6, classes: int = 3, dtype=torch.float64, seed: int = 0, device: str = "cpu",
+) -> nn.Module:
+    """A smooth two-layer network (tanh), small enough for finite differences; built on the
+    CPU, so that its weights are the same on every device."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, classes)).to(dtype)
+    net = nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+    return net.to(device=device, dtype=dtype)
 
 
 def domain_minibatches(
     num_domains: int = 3, batch: int = 5, in_features: int = 4, classes: int = 3,
-    dtype=torch.float64, seed: int = 1,
+    dtype=torch.float64, seed: int = 1, device: str = "cpu",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-domain minibatches with domain-specific shifts, so the gradients differ."""
+    """Per-domain minibatches with domain-specific shifts, so the gradients differ (drawn on
+    the CPU, then moved to ``device``)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for d in range(num_domains):
         x = torch.randn(batch, in_features, generator=g, dtype=dtype) + d
         y = torch.randint(0, classes, (batch,), generator=g)
-        out.append((x, y))
+        out.append((x.to(device), y.to(device)))
     return out
 
 

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, requires_domainbed, roundtrip, subprocess_env
+from conftest import DEVICES, PYTHON, requires_domainbed, roundtrip, subprocess_env
 
 from domainbed_fish import registry
 from domainbed_fish.errors import BatchLargerThanSplitError, UnknownNameError
@@ -115,8 +115,9 @@ def _max_difference(a, b) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("network", ["Debug28", "MLP"])
-def test_fish_matches_builtin_fish_step_for_step(domainbed, network, capsys):
+def test_fish_matches_builtin_fish_step_for_step(domainbed, network, device, capsys):
     from domainbed import hparams_registry
 
     steps = 20
@@ -128,9 +129,11 @@ def test_fish_matches_builtin_fish_step_for_step(domainbed, network, capsys):
         input_shape, batches = (10,), mlp_minibatches(steps)
         mlp = {"mlp_width": 32, "mlp_depth": 3, "mlp_dropout": 0.0}
         hparams, builtin_hparams = {**hparams, **mlp}, {**builtin_hparams, **mlp}
-    ours = make_algorithm(domainbed, "Fish", input_shape, 3, hparams)
-    builtin = make_algorithm(domainbed, "FishDomainBed", input_shape, 3, builtin_hparams)
+    # Built on the CPU and moved, as DomainBed's train script does, so both start from the same weights.
+    ours = make_algorithm(domainbed, "Fish", input_shape, 3, hparams).to(device)
+    builtin = make_algorithm(domainbed, "FishDomainBed", input_shape, 3, builtin_hparams).to(device)
     assert _max_difference(ours.network, builtin.network) == 0.0  # same seed, same initial weights
+    batches = [[(x.to(device), y.to(device)) for x, y in step] for step in batches]
 
     for step, minibatches in enumerate(batches):
         ours_loss = ours.update(minibatches)["loss"]
@@ -139,10 +142,11 @@ def test_fish_matches_builtin_fish_step_for_step(domainbed, network, capsys):
         assert ours_loss > 0
     error = _max_difference(ours.network, builtin.network)
     with capsys.disabled():
-        print(f"\n[equivalence] {network}: max |Fish - FishDomainBed| after {steps} steps = {error:.3e}")
+        print(f"\n[equivalence] {network} on {device}: max |Fish - FishDomainBed| after {steps} steps = {error:.3e}")
     assert error < 1e-5
     moved = max((p - q).abs().max().item() for p, q in zip(
-        ours.network.parameters(), make_algorithm(domainbed, "Fish", input_shape, 3, hparams).network.parameters()))
+        ours.network.parameters(),
+        make_algorithm(domainbed, "Fish", input_shape, 3, hparams).to(device).network.parameters()))
     assert moved > 1e-3  # training really moved the weights, so the comparison means something
 
 

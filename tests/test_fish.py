@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_resumes_identically, domain_minibatches, fish_config, tiny_net
+from conftest import DEVICES, assert_resumes_identically, domain_minibatches, fish_config, tiny_net
 from torch import nn
 
 from domainbed_fish.errors import NonFiniteLossError
@@ -136,9 +136,12 @@ def reference_fish_step(net, batches, order, make_optimizer, epsilon):
         ("sgd", 0.9, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9), "meta_lr/meta_steps"),
     ],
 )
-def test_matches_reference_with_fresh_inner_optimizer_and_random_order(name, momentum, make_optimizer, epsilon_rule):
-    batches = domain_minibatches(num_domains=4)
-    ours, reference = tiny_net(), tiny_net()
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_with_fresh_inner_optimizer_and_random_order(
+    name, momentum, make_optimizer, epsilon_rule, device,
+):
+    batches = domain_minibatches(num_domains=4, device=device)
+    ours, reference = tiny_net(device=device), tiny_net(device=device)
     config = fish_config(fish_inner_optimizer=name, fish_inner_momentum=momentum, lr=1e-2, meta_lr=0.3,
                          fish_reload_inner_state=False, fish_random_order=True, meta_steps=3,
                          fish_epsilon=epsilon_rule, num_domains=4)
@@ -204,14 +207,15 @@ def test_warmup_steps_are_plain_erm_then_fish():
     assert {int(s["step"]) for s in updater.inner_optimizer.state.values()} == {6}
 
 
-def _bn_dropout_net(seed=0):
+def _bn_dropout_net(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)).to(device)
 
 
-def test_gip_measurement_has_no_effect_on_training():
-    batches = domain_minibatches(dtype=torch.float32)
-    measured, unmeasured = _bn_dropout_net(), _bn_dropout_net()
+@pytest.mark.parametrize("device", DEVICES)  # on a GPU, the measurement must fork the CUDA generator too
+def test_gip_measurement_has_no_effect_on_training(device):
+    batches = domain_minibatches(dtype=torch.float32, device=device)
+    measured, unmeasured = _bn_dropout_net(device=device), _bn_dropout_net(device=device)
     a = FishUpdater(measured, fish_config(gip_every=1), seed=0)
     b = FishUpdater(unmeasured, fish_config(gip_every=0), seed=0)
     torch.manual_seed(1)

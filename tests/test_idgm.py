@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_resumes_identically, domain_minibatches, idgm_config, tiny_net
+from conftest import DEVICES, assert_resumes_identically, domain_minibatches, idgm_config, tiny_net
 from test_gradients import brute_force_gip
 
 from domainbed_fish.errors import NonFiniteLossError
@@ -30,17 +30,19 @@ def brute_force_idgm_gradient(net, batches, gamma):
     return torch.autograd.grad(objective, params)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_domains", [2, 3, 5])
-def test_gradient_matches_brute_force_pairs(num_domains):
-    net, batches = tiny_net(), domain_minibatches(num_domains=num_domains)
+def test_gradient_matches_brute_force_pairs(num_domains, device):
+    net, batches = tiny_net(device=device), domain_minibatches(num_domains=num_domains, device=device)
     params = list(net.parameters())
     ours = idgm_gradient(per_domain_losses(net, batches), params, GAMMA).grads
     for a, b in zip(ours, brute_force_idgm_gradient(net, batches, GAMMA)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_gradient_matches_finite_differences():
-    net, batches = tiny_net(), domain_minibatches(num_domains=3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_matches_finite_differences(device):
+    net, batches = tiny_net(device=device), domain_minibatches(num_domains=3, device=device)
     params = list(net.parameters())
     ours = torch.cat([g.reshape(-1) for g in idgm_gradient(per_domain_losses(net, batches), params, GAMMA).grads])
     step = 1e-5
@@ -58,7 +60,7 @@ def test_gradient_matches_finite_differences():
                     minus = idgm_objective(net, batches, GAMMA).item()
                 flat[k] = old
                 numeric.append((plus - minus) / (2 * step))
-    numeric = torch.tensor(numeric, dtype=ours.dtype)
+    numeric = torch.tensor(numeric, dtype=ours.dtype, device=device)
     torch.testing.assert_close(ours, numeric, rtol=1e-6, atol=1e-8)
     # The penalty's contribution is far above the tolerance, so this is a real check.
     erm = torch.cat([g.reshape(-1) for g in idgm_gradient(per_domain_losses(net, batches), params, 0.0).grads])
@@ -185,12 +187,13 @@ def test_bound_in_the_optimizer_metric_makes_adams_step_descend_the_erm_loss():
 
 def _positive_weights(params, seed=3):
     g = torch.Generator().manual_seed(seed)
-    return [torch.rand(p.shape, generator=g, dtype=p.dtype) * 2 + 0.1 for p in params]
+    return [(torch.rand(p.shape, generator=g, dtype=p.dtype) * 2 + 0.1).to(p.device) for p in params]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_domains", [2, 3, 5])
-def test_metric_gip_gradient_matches_brute_force_pairs(num_domains):
-    net, batches = tiny_net(), domain_minibatches(num_domains=num_domains)
+def test_metric_gip_gradient_matches_brute_force_pairs(num_domains, device):
+    net, batches = tiny_net(device=device), domain_minibatches(num_domains=num_domains, device=device)
     params = list(net.parameters())
     weights = _positive_weights(params)
     losses = per_domain_losses(net, batches)

@@ -3,10 +3,12 @@ and the context that routes a network's layers to them inside IDGM's step."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_routing_keeps_idgm_gradient, idgm_config
+from conftest import DEVICES, assert_routing_keeps_idgm_gradient, idgm_config
 from torch import nn
 
 from domainbed_fish.convolution import _pointwise_on_onednn, convolution
@@ -25,28 +27,29 @@ CONV_CASES = [
 PYTORCH_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
-def _conv_inputs(shape, weight_shape, bias, seed=0):
+def _conv_inputs(shape, weight_shape, bias, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
-    w = torch.randn(*weight_shape, generator=g, dtype=torch.float64).requires_grad_()
-    b = torch.randn(weight_shape[0], generator=g, dtype=torch.float64).requires_grad_() if bias else None
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(*weight_shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(weight_shape[0], generator=g, dtype=torch.float64).to(device).requires_grad_() if bias else None
     return x, w, b
 
 
 def _value_grads_and_double_backward(fn, inputs):
     """y, ∇ of a non-linear loss of y, and the gradient of ⟨∇, random seeds⟩."""
     y = fn(*inputs)
-    outer = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
+    outer = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y)
     grads = torch.autograd.grad((outer.sin() * y * y).sum(), inputs, create_graph=True)
-    seeds = [torch.randn(g.shape, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64).to(g.dtype)
+    seeds = [torch.randn(g.shape, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64).to(g)
              for i, g in enumerate(grads)]
     return [y, *grads, *torch.autograd.grad(grads, inputs, seeds)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(("shape", "weight_shape", "geometry"), CONV_CASES)
-def test_convolution_matches_pytorch_to_second_order(shape, weight_shape, geometry, bias):
-    x, w, b = _conv_inputs(shape, weight_shape, bias)
+def test_convolution_matches_pytorch_to_second_order(shape, weight_shape, geometry, bias, device):
+    x, w, b = _conv_inputs(shape, weight_shape, bias, device=device)
     inputs = [t for t in (x, w, b) if t is not None]
 
     def ours(*t):
@@ -127,11 +130,12 @@ def test_pointwise_convolution_avoids_the_reference_kernel():
     assert "aten::_slow_conv2d_forward" not in calls
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inplace", [False, True])
-def test_relu_matches_pytorch_to_second_order(inplace):
+def test_relu_matches_pytorch_to_second_order(inplace, device):
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    w = torch.randn(5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    x0 = torch.randn(6, 5, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
 
     def network(act):
         # The pre-activation is a fresh tensor, so the in-place variant is legal.
@@ -165,22 +169,23 @@ def test_context_routes_layers_and_leaves_the_rest_to_pytorch():
     assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"  # outside: PyTorch's
 
 
-def _conv_net(seed=0):
+def _conv_net(seed=0, device="cpu"):
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
         nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3),
-    ).double()
+    ).to(device=device, dtype=torch.float64)
 
 
-def _image_batches(num_domains=3, batch=5):
+def _image_batches(num_domains=3, batch=5, device="cpu"):
     g = torch.Generator().manual_seed(7)
-    return [(torch.randn(batch, 2, 4, 4, generator=g, dtype=torch.float64),
-             torch.randint(0, 3, (batch,), generator=g)) for _ in range(num_domains)]
+    return [(torch.randn(batch, 2, 4, 4, generator=g, dtype=torch.float64).to(device),
+             torch.randint(0, 3, (batch,), generator=g).to(device)) for _ in range(num_domains)]
 
 
-def test_idgm_gradient_of_a_conv_net_is_pytorchs():
-    assert_routing_keeps_idgm_gradient(_conv_net, _image_batches())
+@pytest.mark.parametrize("device", DEVICES)
+def test_idgm_gradient_of_a_conv_net_is_pytorchs(device):
+    assert_routing_keeps_idgm_gradient(functools.partial(_conv_net, device=device), _image_batches(device=device))
 
 
 def test_idgm_step_builds_its_graph_through_the_routed_layers():

@@ -76,13 +76,15 @@ def fish_meta_update_(
     (same values, no weight-sized temporary: on a CPU a fresh allocation of that
     size costs page faults every step); ``inner`` then holds scratch values.
     """
-    floats_meta, floats_inner = [], []
+    floats_meta, floats_inner, ints_meta, ints_inner = [], [], [], []
     for m, i in zip(meta, inner, strict=True):
-        if m.is_floating_point():
-            floats_meta.append(m)
-            floats_inner.append(i)
-        else:
-            m.copy_(m + epsilon * (i - m))
+        (floats_meta if m.is_floating_point() else ints_meta).append(m)
+        (floats_inner if m.is_floating_point() else ints_inner).append(i)
+    if ints_meta:
+        # All counters in one foreach chain (ResNet-50 has 53): on a GPU, four kernel
+        # launches per counter after the step's synchronisation cost milliseconds.
+        moved = torch._foreach_mul(torch._foreach_sub(ints_inner, ints_meta), epsilon)
+        torch._foreach_copy_(ints_meta, torch._foreach_add(ints_meta, moved))
     if not floats_meta:
         return
     if consume_inner:

@@ -39,6 +39,19 @@ def test_meta_update_interpolates_floats_and_truncates_counters():
     torch.testing.assert_close(meta[0], inner[0])
 
 
+def test_meta_update_of_many_counters_is_domainbeds_arithmetic():
+    g = torch.Generator().manual_seed(0)
+    meta = [torch.randint(0, 1000, (), generator=g) for _ in range(6)] + [torch.randn(4, generator=g)]
+    inner = [m + torch.randint(-5, 50, (), generator=g) for m in meta[:6]] + [torch.randn(4, generator=g)]
+    for epsilon in (0.3, 0.5, 0.9):
+        expected = [(m + epsilon * (i - m)).to(m.dtype) for m, i in zip(meta, inner)]  # DomainBed's, truncated
+        fish_meta_update_(meta, inner, epsilon)
+        assert [m.dtype for m in meta] == [torch.long] * 6 + [torch.float32]
+        for a, b in zip(meta, expected):
+            assert torch.equal(a, b)
+        assert any(m != i for m, i in zip(meta[:6], inner[:6]))  # the counters did not all reach θ̃
+
+
 @pytest.mark.parametrize("epsilon", [0.3, 0.5])  # 0.5: the fused path for powers of two
 def test_meta_update_consuming_inner_gives_the_same_weights(epsilon):
     g = torch.Generator().manual_seed(0)

@@ -75,6 +75,7 @@ from domainbed_fish.profiling import track_tensor_memory
 
 ALGORITHMS = ["ERM", "CORAL", "FishDomainBed", "Fish", "IDGM"]
 FLOOR = "Fish floor"
+CUDA_ALLOCATOR_BLOCK = 512  # bytes: the smallest block of torch's CUDA caching allocator
 RESNET_NORMAL_BATCH = 8  # DomainBed's batch for 224×224 datasets is 32; 8 keeps a CPU run practical
 
 
@@ -321,8 +322,9 @@ def check_targets(rows: list[dict], normal_batch: dict[bool, int], device: torch
                          f"{verdict(r['vs_floor'] <= 1.05)}")
         if name == "Fish" and (builtin := by.get((net, s, b, "FishDomainBed"))):
             ours, theirs = r["tensor_peak_bytes"], builtin["tensor_peak_bytes"]
-            # Fish keeps its S detached loss scalars for the per-domain finiteness check.
-            ok = ours <= theirs + 4 * s
+            # Fish keeps its S detached loss scalars for the per-domain finiteness check;
+            # CUDA's caching allocator gives each its smallest block, 512 bytes.
+            ok = ours <= theirs + s * (CUDA_ALLOCATOR_BLOCK if device.type == "cuda" else 4)
             lines.append(f"- Fish memory ≤ built-in, {net} S={s} b={b}: {mib(ours)} vs {mib(theirs)} MiB "
                          f"({ours - theirs:+d} bytes): {verdict(ok)}")
         if name == "Fish" and device.type == "cuda" and "ResNet-50" in net and s == 3 and b == 32:

@@ -1,0 +1,159 @@
+"""How often each setting wins CdSprites-N's race to shape, over many seeds, through DomainBed's train script.
+
+    python benchmarks/cdsprites_race.py --grid benchmarks/grids/n15_race.json \
+        --runs_dir /tmp/race --summary race.jsonl [--workers 12] [--only fish-default,erm-default]
+
+The reproduction's N = 15 targets turn on a race out of the initial plateau that one seed
+wins and another loses (docs/reproduction/findings.md), so a setting judged on the preset's
+three seeds is judged on noise.  This runs a grid of settings over many seeds each, every job
+exactly as the reproduction preset runs one (:class:`TrainJob`: DomainBed's train script under
+the job lock, training-domain validation, the decorrelated environment as the test
+environment; seed k here is seed k of the preset), ``--workers`` at a time.  On a machine with
+a GPU, DomainBed's train script trains on it and many jobs share it, which is what makes a
+dozen seeds per setting affordable; the sprites are the same, the rounding is not, so seed k
+of a GPU run need not end where seed k of a CPU run does, but the fraction of seeds that win
+is what this measures.
+
+The grid is a JSON list of settings::
+
+    [{"label": "fish-default", "algorithm": "Fish", "n": 15, "steps": 251,
+      "checkpoint_freq": 50, "seeds": 12, "hparams": {"fish_inner_momentum": 0.5}}]
+
+``hparams`` go over the default preset's CdSprites sizes (1,000 sprites per domain, 32 per
+domain per step) and the registry's defaults.  Jobs run in the grid's order, seed by seed
+interleaved across settings, so a run cut short has a few seeds of every setting rather than
+all seeds of the first.  Each finished job appends one JSON line to ``--summary`` (the
+selected and final accuracy on the decorrelated environment, the training-domain validation
+at each checkpoint, the training seconds); finished jobs are skipped when run again.  The
+table at the end gives, per setting, the mean ± standard error of the selected accuracy,
+how many seeds ended at 90% or more and how many stayed at 60% or less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domainbed_fish.report import mean_se
+from domainbed_fish.reproduction.jobs import JOB_RUNNERS, run_dir, run_jobs
+from domainbed_fish.reproduction.presets import PRESETS, TrainJob
+from domainbed_fish.reproduction.report import _selected_acc, training_seconds
+from domainbed_fish.results import read_jsonl
+
+BASE_HPARAMS = dict(PRESETS["default"].cdsprites_hparams)
+WIN, LOSS = 0.90, 0.60
+
+
+def load_grid(path: Path, only: set[str] | None = None) -> list[dict[str, Any]]:
+    """The grid's settings (those named in ``only``, if given), checked."""
+    grid = json.loads(path.read_text())
+    labels = [setting.get("label") for setting in grid]
+    if len(set(labels)) != len(labels) or None in labels:
+        raise SystemExit(f"{path}: every setting needs its own 'label' (got {labels})")
+    if only:
+        unknown = only - set(labels)
+        if unknown:
+            raise SystemExit(f"--only names settings not in {path}: {sorted(unknown)}; it has {labels}")
+        grid = [setting for setting in grid if setting["label"] in only]
+    return grid
+
+
+def grid_jobs(grid: list[dict[str, Any]]) -> list[tuple[str, TrainJob]]:
+    """(label, job) for every setting and seed, seed-major, so every setting gets its first seeds first."""
+    jobs = []
+    for seed in range(max(setting["seeds"] for setting in grid)):
+        for setting in grid:
+            if seed < setting["seeds"]:
+                n = int(setting["n"])
+                job = TrainJob(f"CdSprites{n}", setting["algorithm"], seed, n, int(setting["steps"]),
+                               int(setting.get("checkpoint_freq", 50)),
+                               {**BASE_HPARAMS, **setting.get("hparams", {})}, label=setting["label"])
+                jobs.append((setting["label"], job))
+    names = [job.name for _, job in jobs]
+    if len(set(names)) != len(names):
+        raise SystemExit("two settings of the grid run the same jobs (same algorithm, N, steps and "
+                         "hyperparameters): give each setting something of its own")
+    return jobs
+
+
+def job_summary(label: str, job: TrainJob, runs_dir: Path) -> dict[str, Any]:
+    """One line of the summary: what a finished job selected and ended at."""
+    records = sorted(read_jsonl(run_dir(runs_dir, job) / "results.jsonl"), key=lambda r: r["step"])
+    test = job.test_env
+    train_envs = range(test)  # CdSprites-N: environments 0 … N − 1 train, N is the decorrelated one
+    curve = [
+        {"step": r["step"], "test": round(r[f"env{test}_in_acc"], 4), "loss": round(r["loss"], 4),
+         "val": round(sum(r[f"env{e}_out_acc"] for e in train_envs) / len(train_envs), 4)}
+        for r in records
+    ]
+    return {"label": label, "algorithm": job.algorithm, "n": job.test_env, "seed": job.seed,
+            "steps": job.steps, "hparams": job.hparams, "selected": _selected_acc(records),
+            "final": curve[-1]["test"], "train_seconds": round(training_seconds(records), 1),
+            "cuda": torch.cuda.is_available(), "curve": curve}
+
+
+def table(lines: list[dict[str, Any]], grid: list[dict[str, Any]]) -> str:
+    """Per setting: seeds done, selected accuracy mean ± SE, seeds ≥ 90%, seeds ≤ 60%."""
+    out = ["| setting | seeds | selected, mean ± SE | ≥ 90% | ≤ 60% | per seed | train s/job |",
+           "|---|---|---|---|---|---|---|"]
+    for setting in grid:
+        mine = sorted((line for line in lines if line["label"] == setting["label"]), key=lambda line: line["seed"])
+        if not mine:
+            out.append(f"| {setting['label']} | 0 | | | | | |")
+            continue
+        accs = [100 * line["selected"] for line in mine]
+        mean, se = mean_se(accs)
+        wins = sum(a >= 100 * WIN for a in accs)
+        losses = sum(a <= 100 * LOSS for a in accs)
+        seconds = sum(line["train_seconds"] for line in mine) / len(mine)
+        per_seed = " ".join(f"{a:.0f}" for a in accs)
+        out.append(f"| {setting['label']} | {len(mine)} | {mean:.1f} ± {se:.1f} | {wins} | {losses} | {per_seed} "
+                   f"| {seconds:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", type=Path, required=True, help="JSON list of settings (see the module's doc)")
+    parser.add_argument("--runs_dir", type=Path, required=True, help="where DomainBed's runs go")
+    parser.add_argument("--summary", type=Path, required=True, help="JSON lines, one per finished job")
+    parser.add_argument("--workers", type=int, default=2, help="jobs at once (default: 2)")
+    parser.add_argument("--only", default="", help="comma-separated labels of the grid to run")
+    parser.add_argument("--runner", choices=JOB_RUNNERS, default=None,
+                        help="how jobs start DomainBed's train script (default: the reproduction's)")
+    parser.add_argument("--table_only", action="store_true", help="print the table of --summary and exit")
+    args = parser.parse_args(argv)
+    grid = load_grid(args.grid, {label for label in args.only.split(",") if label} or None)
+    lines = [json.loads(line) for line in args.summary.read_text().splitlines()] if args.summary.exists() else []
+    if not args.table_only:
+        done = {(line["label"], line["seed"]) for line in lines}
+        pending = [(label, job) for label, job in grid_jobs(grid) if (label, job.seed) not in done]
+        labels = {job.name: label for label, job in pending}
+        print(f"{len(pending)} jobs to run, {args.workers} at a time", flush=True)
+        start = time.perf_counter()
+
+        def record(outcome) -> None:
+            if outcome.error:
+                print(f"FAILED {outcome.job.name}: {outcome.error}", file=sys.stderr, flush=True)
+                return
+            line = job_summary(labels[outcome.job.name], outcome.job, args.runs_dir)
+            lines.append(line)
+            with args.summary.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            print(f"[{time.perf_counter() - start:6.0f} s] {line['label']} seed {line['seed']}: "
+                  f"selected {100 * line['selected']:.1f}%, final {100 * line['final']:.1f}% "
+                  f"({outcome.seconds:.0f} s)", flush=True)
+
+        run_jobs(args.runs_dir, [job for _, job in pending], args.workers, progress=record, runner=args.runner)
+    print(table(lines, grid))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,6 +19,8 @@ The grid is a JSON list of settings::
     [{"label": "fish-default", "algorithm": "Fish", "n": 15, "steps": 251,
       "checkpoint_freq": 50, "seeds": 12, "hparams": {"fish_inner_momentum": 0.5}}]
 
+(``"seeds": 12`` is seeds 0 … 11; a list names the seeds.)
+
 ``hparams`` go over the default preset's CdSprites sizes (1,000 sprites per domain, 32 per
 domain per step) and the registry's defaults.  Jobs run in the grid's order, seed by seed
 interleaved across settings, so a run cut short has a few seeds of every setting rather than
@@ -64,12 +66,19 @@ def load_grid(path: Path, only: set[str] | None = None) -> list[dict[str, Any]]:
     return grid
 
 
+def _seeds(setting: dict[str, Any]) -> list[int]:
+    """A setting's seeds: ``"seeds": 12`` is seeds 0 … 11, ``"seeds": [2, 5]`` those two."""
+    seeds = setting["seeds"]
+    return list(range(seeds)) if isinstance(seeds, int) else [int(seed) for seed in seeds]
+
+
 def grid_jobs(grid: list[dict[str, Any]]) -> list[tuple[str, TrainJob]]:
     """(label, job) for every setting and seed, seed-major, so every setting gets its first seeds first."""
     jobs = []
-    for seed in range(max(setting["seeds"] for setting in grid)):
+    seeds = {setting["label"]: _seeds(setting) for setting in grid}
+    for seed in sorted(set().union(*seeds.values())):
         for setting in grid:
-            if seed < setting["seeds"]:
+            if seed in seeds[setting["label"]]:
                 n = int(setting["n"])
                 job = TrainJob(f"CdSprites{n}", setting["algorithm"], seed, n, int(setting["steps"]),
                                int(setting.get("checkpoint_freq", 50)),

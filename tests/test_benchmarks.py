@@ -80,3 +80,59 @@ def test_fish_memory_check_allows_its_loss_scalars_and_no_more(device: str, extr
             for name, peak in (("FishDomainBed", 10**6), ("Fish", 10**6 + extra))]
     lines = step_time.check_targets(rows, {False: 32, True: 8}, torch.device(device))
     assert lines == [f"- Fish memory ≤ built-in, net S=15 b=32: 1.0 vs 1.0 MiB (+{extra} bytes): {verdict}"]
+
+
+def test_race_grid_runs_seed_by_seed_across_settings_and_refuses_twin_settings() -> None:
+    race = load_benchmark("cdsprites_race")
+    grid = [{"label": "a", "algorithm": "Fish", "n": 5, "steps": 11, "seeds": 2},
+            {"label": "b", "algorithm": "ERM", "n": 15, "steps": 11, "seeds": [1, 4]}]
+    jobs = race.grid_jobs(grid)
+    assert [(label, job.seed) for label, job in jobs] == [("a", 0), ("a", 1), ("b", 1), ("b", 4)]
+    _, job = jobs[2]
+    assert (job.dataset, job.test_env, job.steps) == ("CdSprites15", 15, 11)
+    assert job.hparams == race.BASE_HPARAMS  # the default preset's sizes
+    with pytest.raises(SystemExit, match="run the same jobs"):
+        race.grid_jobs([grid[0], {**grid[0], "label": "c"}])
+
+
+def test_every_committed_race_grid_loads() -> None:
+    race = load_benchmark("cdsprites_race")
+    grids = sorted((BENCHMARKS / "grids").glob("*.json"))
+    assert grids
+    for path in grids:
+        assert race.grid_jobs(race.load_grid(path)), path
+
+
+def test_race_table_counts_wins_and_losses_per_setting() -> None:
+    race = load_benchmark("cdsprites_race")
+    grid = [{"label": "a"}, {"label": "b"}]
+    lines = [{"label": "a", "seed": s, "selected": acc, "train_seconds": 10.0}
+             for s, acc in enumerate([0.95, 0.50, 0.92])]
+    rows = race.table(lines, grid).splitlines()
+    # DomainBed's standard error: the population standard deviation over √n (20.6 / √3)
+    assert rows[2] == "| a | 3 | 79.0 ± 11.9 | 2 | 1 | 95 50 92 | 10 |"
+    assert rows[3] == "| b | 0 | | | | | |"
+
+
+@requires_domainbed
+def test_race_runs_through_domainbeds_train_script_and_resumes(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.json"
+    tiny = {"cdsprites_per_domain": 20, "batch_size": 4}
+    grid.write_text(json.dumps([
+        {"label": "fish", "algorithm": "Fish", "n": 5, "steps": 6, "checkpoint_freq": 5, "seeds": 1,
+         "hparams": {**tiny, "fish_warmup_steps": 2}},
+        {"label": "erm", "algorithm": "ERM", "n": 5, "steps": 6, "checkpoint_freq": 5, "seeds": [1], "hparams": tiny},
+    ]))
+    command = [sys.executable, str(BENCHMARKS / "cdsprites_race.py"), "--grid", str(grid),
+               "--runs_dir", str(tmp_path / "runs"), "--summary", str(tmp_path / "race.jsonl"),
+               "--workers", "2", "--runner", "subprocess"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    lines = [json.loads(line) for line in (tmp_path / "race.jsonl").read_text().splitlines()]
+    assert sorted((line["label"], line["seed"]) for line in lines) == [("erm", 1), ("fish", 0)]
+    for line in lines:
+        assert [point["step"] for point in line["curve"]] == [0, 5]
+        assert 0.0 <= line["selected"] <= 1.0 and line["n"] == 5
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.startswith("0 jobs to run"), again.stdout
+    assert len((tmp_path / "race.jsonl").read_text().splitlines()) == 2

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from domainbed_fish.lifetime import is_alive
 from domainbed_fish.lockfile import JobLock, holder_pid, is_locked
 from domainbed_fish.reproduction import __main__ as reproduction_main
 from domainbed_fish.reproduction import jobs as jobs_module
+from domainbed_fish.reproduction.__main__ import cpu_model
 from domainbed_fish.reproduction.presets import GIP_TRACE_N, PRESETS, TrainJob, get_preset
 from domainbed_fish.reproduction.report import REPORT_FILES, render_markdown, targets, training_seconds
 
@@ -381,6 +384,7 @@ def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainb
     report = (out / "report.md").read_text()
     assert "| Fish |" in report and "## The paper's findings, as measured here" in report
     assert "this invocation ran 11 of the 11 jobs in" in report
+    assert f"; {cpu_model()} (" in report  # the processor, which the preset's time depends on
     by_run = [[json.loads(line) for line in path.open()] for path in (out / "runs").glob("*/results.jsonl")]
     assert len(by_run) == 11
     expected_minutes = sum(map(training_seconds, by_run)) / 60
@@ -405,6 +409,16 @@ def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainb
     assert rewritten.returncode == 0, rewritten.stderr[-3000:]
     assert "ran 0 of the 11 jobs in" in (out / "report.md").read_text()
     assert "(11 were already done, from an earlier invocation)" in (out / "report.md").read_text()
+
+
+def test_cpu_model_is_the_processors_name_where_linux_gives_it():
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.partition(":")[2].strip() for line in cpuinfo.read_text().splitlines()
+             if line.partition(":")[0].strip() == "model name"] if cpuinfo.exists() else []
+    if names and names[0]:
+        assert cpu_model() == names[0]
+    else:  # other systems, or a Linux without the field (some ARM kernels)
+        assert cpu_model() in (platform.processor(), platform.machine()) and cpu_model()
 
 
 def test_alignment_is_the_gip_and_the_mean_pairwise_cosine():

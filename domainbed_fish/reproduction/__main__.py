@@ -26,6 +26,21 @@ from domainbed_fish.reproduction.presets import PRESETS, get_preset
 from domainbed_fish.reproduction.report import REPORT_FILES, write_report
 
 
+def cpu_model() -> str:
+    """The processor's name, for the report's header: a preset's time depends on it.
+
+    Linux's ``/proc/cpuinfo`` names it ("Intel(R) Xeon(R) Processor"); elsewhere, or when it
+    does not, what ``platform`` knows (often only the architecture)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m domainbed_fish.reproduction",
@@ -126,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = [
         f"Made by `python -m domainbed_fish.reproduction --preset {preset.name} --workers {args.workers}` "
-        f"on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}, "
+        f"on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu_model()} ({platform.machine()}), "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__}; "
         + ("written from the runs present (--report_only)." if args.report_only
            else f"this invocation ran {len(jobs) - done} of the {len(jobs)} jobs in {elapsed / 60:.1f} min"

@@ -189,7 +189,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "default": Preset(
         name="default",
-        description="the paper's comparison at CPU scale (70 to 90 min on 2 cores, "
+        description="the paper's comparison at CPU scale (55 to 90 min on 2 cores by machine, "
                     "README \"Reproduction\")",
         toy_runs=TOY_RUNS, toy_seeds=3, toy_steps=3001, toy_checkpoint_freq=500,
         cdsprites_sizes=(5, 15, 30), cdsprites_algorithms=ALGORITHMS, seeds=3, steps=251, checkpoint_freq=50,

@@ -52,14 +52,28 @@ from domainbed_fish.results import read_jsonl
 
 BASE_HPARAMS = dict(PRESETS["default"].cdsprites_hparams)
 WIN, LOSS = 0.90, 0.60
+REQUIRED_KEYS = {"label", "algorithm", "n", "steps", "seeds"}
+OPTIONAL_KEYS = {"checkpoint_freq", "hparams"}
 
 
 def load_grid(path: Path, only: set[str] | None = None) -> list[dict[str, Any]]:
     """The grid's settings (those named in ``only``, if given), checked."""
-    grid = json.loads(path.read_text())
+    try:
+        grid = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"--grid {path}: {error}; it must be a JSON list of settings (see --help)") from None
+    if not isinstance(grid, list) or not all(isinstance(setting, dict) for setting in grid):
+        raise SystemExit(f"--grid {path}: expected a JSON list of settings (objects), got {type(grid).__name__}")
     labels = [setting.get("label") for setting in grid]
     if len(set(labels)) != len(labels) or None in labels:
         raise SystemExit(f"{path}: every setting needs its own 'label' (got {labels})")
+    for setting in grid:
+        missing = sorted(REQUIRED_KEYS - set(setting))
+        unknown = sorted(set(setting) - REQUIRED_KEYS - OPTIONAL_KEYS)
+        problems = ([f"lacks {missing}"] if missing else []) + ([f"has unknown keys {unknown}"] if unknown else [])
+        if problems:
+            raise SystemExit(f"{path}: setting {setting['label']!r} {'; '.join(problems)} (a setting has "
+                             f"{sorted(REQUIRED_KEYS)} and may have {sorted(OPTIONAL_KEYS)})")
     if only:
         unknown = only - set(labels)
         if unknown:

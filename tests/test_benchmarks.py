@@ -95,6 +95,20 @@ def test_race_grid_runs_seed_by_seed_across_settings_and_refuses_twin_settings()
         race.grid_jobs([grid[0], {**grid[0], "label": "c"}])
 
 
+def test_race_grid_errors_name_the_setting_and_the_fix(tmp_path: Path) -> None:
+    race = load_benchmark("cdsprites_race")
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"label": "a", "algorithm": "Fish", "n": 15, "seed": 3, "steps": 11}]))
+    with pytest.raises(SystemExit, match=r"setting 'a' lacks \['seeds'\]; has unknown keys \['seed'\]"):
+        race.load_grid(grid)
+    grid.write_text('{"label": "a"}')
+    with pytest.raises(SystemExit, match="expected a JSON list of settings"):
+        race.load_grid(grid)
+    grid.write_text("[{")
+    with pytest.raises(SystemExit, match="must be a JSON list of settings"):
+        race.load_grid(grid)
+
+
 def test_every_committed_race_grid_loads() -> None:
     race = load_benchmark("cdsprites_race")
     grids = sorted((BENCHMARKS / "grids").glob("*.json"))

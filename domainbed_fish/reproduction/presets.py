@@ -196,11 +196,12 @@ PRESETS: dict[str, Preset] = {
         cdsprites_hparams={"cdsprites_per_domain": 1000, "batch_size": 32},
     ),
     # At the default preset's 251 steps CdSprites-15 is a race out of the initial plateau that
-    # Fish wins on one seed in three or in seven (docs/reproduction/findings.md).  Fish's inner
-    # Adam at twice the learning rate with β₁ = 0.5 and more steps wins it on 7 of 8 seeds on a
-    # GPU by step 500 (benchmarks/results/cdsprites_race_longer_cuda.jsonl) and on the CPU's
-    # slowest seed by step 600; the other algorithms keep their defaults (ERM at lr 2e-3 gains
-    # nothing: findings.md).  Only N = 15 here: these Fish settings lose a seed at N = 30.
+    # the default Fish wins on one seed of three in the CPU reports and on none of seven on a GPU
+    # (docs/reproduction/findings.md).  Fish's inner Adam at twice the learning rate with
+    # β₁ = 0.5 and more steps wins it on 7 of 8 seeds on a GPU by step 500
+    # (benchmarks/results/cdsprites_race_longer_cuda.jsonl) and on the CPU's slowest seed by
+    # step 600.  The other algorithms keep their defaults (ERM at lr 2e-3 stays on colour on 5
+    # of 6 seeds).  Only N = 15 here: these Fish settings lose a seed at N = 30.
     "n15": Preset(
         name="n15",
         description="CdSprites-15 alone at the length where Fish wins the race to shape: 701 steps, "

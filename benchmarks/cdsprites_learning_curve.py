@@ -199,14 +199,24 @@ def main() -> None:
         for x, y in train_parts * args.rounds:
             index = torch.randint(len(y), (batch,), generator=generator)
             minibatches.append((x[index], y[index]))
-        losses.append(algorithm.update(minibatches)["loss"])
+        logged = algorithm.update(minibatches)
+        losses.append(logged["loss"])
         if step % args.every == 0 or step == args.steps - 1:
             per_domain = [accuracy(x, y) for x, y in val_parts]
             val = float(np.mean(per_domain))
             print(f"step {step:4d}  loss {np.mean(losses[-args.every:]):.3f}  val {100 * val:5.1f}  "
-                  f"decorrelated {100 * accuracy(*test):5.1f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+                  f"decorrelated {100 * accuracy(*test):5.1f}  ({time.perf_counter() - start:.0f} s)"
+                  + _idgm_values(logged), flush=True)
             if args.per_domain:
                 print("    per domain: " + " ".join(f"{100 * per_domain[d]:3.0f}" for d in domain_order), flush=True)
+
+
+def _idgm_values(logged: dict[str, float]) -> str:
+    """IDGM's cross-entropy, Ĝ and penalty weight γ_t at this step: whether the penalty is
+    running away (Ĝ and the cross-entropy jumping together) or held down by the bound."""
+    if "penalty_weight" not in logged:
+        return ""
+    return f"  nll {logged['nll']:.3f}  gip {logged['gip']:.3g}  gamma_t {logged['penalty_weight']:.3g}"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,23 @@ def test_race_runs_through_domainbeds_train_script_and_resumes(tmp_path: Path) -
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.startswith("0 jobs to run"), again.stdout
     assert len((tmp_path / "race.jsonl").read_text().splitlines()) == 2
+
+
+@requires_domainbed
+@pytest.mark.parametrize("algorithm", ["IDGM", "ERM"])
+def test_learning_curve_prints_idgms_penalty_and_only_idgms(algorithm: str) -> None:
+    command = [sys.executable, str(BENCHMARKS / "cdsprites_learning_curve.py"), "--algorithm", algorithm,
+               "--domains", "5", "--steps", "3", "--every", "1", "--threads", "1",
+               "--hparams", json.dumps({"cdsprites_per_domain": 20, "batch_size": 4, "idgm_penalty_bound": 0.5})]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stdout.splitlines() if line.startswith("step")]
+    assert len(lines) == 3
+    for line in lines:
+        fields = line.split()
+        if algorithm == "ERM":
+            assert "gamma_t" not in fields
+            continue
+        nll, gip, gamma_t = (float(fields[fields.index(name) + 1]) for name in ("nll", "gip", "gamma_t"))
+        assert 0.0 < nll < 5.0 and math.isfinite(gip)
+        assert 0.0 < gamma_t <= 0.1  # CdSprites' IDGM: penalty from step 0, γ = 0.1 at most

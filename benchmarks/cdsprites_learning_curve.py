@@ -14,7 +14,8 @@ same length spends 2.2 min in its training steps alone).  The split
 and the sampling are seeded here, not as DomainBed's train script seeds them, so seed k
 here is not seed k of the reproduction.  Prints, every ``--every`` steps: the mean
 training loss since the last line, the training-domain validation accuracy and the
-accuracy on the decorrelated environment.
+accuracy on the decorrelated environment; for IDGM also the last step's cross-entropy, Ĝ and
+penalty weight γ_t.
 
 Controls:
 - ``--shape_only`` recolours the training domains with their own colours shuffled across

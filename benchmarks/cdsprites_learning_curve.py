@@ -15,7 +15,8 @@ and the sampling are seeded here, not as DomainBed's train script seeds them, so
 here is not seed k of the reproduction.  Prints, every ``--every`` steps: the mean
 training loss since the last line, the training-domain validation accuracy and the
 accuracy on the decorrelated environment; for IDGM also the last step's cross-entropy, Ĝ and
-penalty weight γ_t.
+penalty weight γ_t.  A run whose loss turns non-finite ends with a line
+``step N  diverged (…): <the error>`` and exit status 1, not a traceback.
 
 Controls:
 - ``--shape_only`` recolours the training domains with their own colours shuffled across
@@ -50,6 +51,7 @@ import torch
 from torch import Tensor
 
 import domainbed_fish  # noqa: F401  (registers the datasets and algorithms)
+from domainbed_fish.errors import NonFiniteLossError
 from domainbed_fish.fish import copy_state_, model_state_tensors
 from domainbed_fish.locate import import_domainbed
 
@@ -200,7 +202,12 @@ def main() -> None:
         for x, y in train_parts * args.rounds:
             index = torch.randint(len(y), (batch,), generator=generator)
             minibatches.append((x[index], y[index]))
-        logged = algorithm.update(minibatches)
+        try:
+            logged = algorithm.update(minibatches)
+        except NonFiniteLossError as error:
+            # A diverged run is a result here (a penalty that ran away), not a crash: say where.
+            print(f"step {step:4d}  diverged ({time.perf_counter() - start:.0f} s): {error}", flush=True)
+            raise SystemExit(1) from None
         losses.append(logged["loss"])
         if step % args.every == 0 or step == args.steps - 1:
             per_domain = [accuracy(x, y) for x, y in val_parts]

@@ -171,3 +171,20 @@ def test_learning_curve_prints_idgms_penalty_and_only_idgms(algorithm: str) -> N
         nll, gip, gamma_t = (float(fields[fields.index(name) + 1]) for name in ("nll", "gip", "gamma_t"))
         assert 0.0 < nll < 5.0 and math.isfinite(gip)
         assert 0.0 < gamma_t <= 0.1  # CdSprites' IDGM: penalty from step 0, γ = 0.1 at most
+
+
+@requires_domainbed
+def test_learning_curve_reports_a_diverged_run_on_one_line_and_fails() -> None:
+    # Unbounded IDGM with SGD at lr 1e4: NaN losses within a few steps (at update step 2 here).
+    hparams = {"cdsprites_per_domain": 20, "batch_size": 4, "idgm_optimizer": "sgd", "lr": 1e4,
+               "idgm_gamma": 1.0, "idgm_penalty_bound": math.inf}
+    command = [sys.executable, str(BENCHMARKS / "cdsprites_learning_curve.py"), "--algorithm", "IDGM",
+               "--domains", "5", "--steps", "6", "--every", "1", "--threads", "1", "--hparams", json.dumps(hparams)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr, run.stderr
+    last = run.stdout.splitlines()[-1]
+    assert last.startswith("step") and "diverged" in last and "non-finite" in last, run.stdout
+    diverged_at = int(last.split()[1])
+    assert 0 < diverged_at < 6
+    assert len([line for line in run.stdout.splitlines() if line.startswith("step")]) == diverged_at + 1

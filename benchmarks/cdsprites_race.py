@@ -28,9 +28,14 @@ interleaved across settings, so a run cut short has a few seeds of every setting
 all seeds of the first.  Each finished job appends one JSON line to ``--summary`` (the
 selected and final accuracy on the decorrelated environment, the training-domain validation
 at each checkpoint, the training seconds: the job's own, which on a shared GPU include waiting
-for the others); finished jobs are skipped when run again.  The
-table at the end gives, per setting, the mean ± standard error of the selected accuracy,
-how many seeds ended at 90% or more and how many stayed at 60% or less.
+for the others); finished jobs are skipped when run again.  A job whose loss went NaN or
+infinite (the algorithm's ``NonFiniteLossError``) is an outcome of its setting, not a failure
+to retry: it gets a line too, with ``"diverged"`` holding the error and the curve up to its
+last checkpoint, and is not run again.  Any other failure is printed and left out of the
+summary, so running the same command again retries it.  The table at the end gives, per
+setting, the seeds it has, the mean ± standard error of the selected accuracy over the seeds
+that finished, how many of those ended at 90% or more and how many at 60% or less, and how
+many diverged (``✗`` in the per-seed list).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from domainbed_fish.results import read_jsonl
 
 BASE_HPARAMS = dict(PRESETS["default"].cdsprites_hparams)
 WIN, LOSS = 0.90, 0.60
+DIVERGED = "NonFiniteLossError"  # in the traceback of a job whose loss went NaN or infinite
 REQUIRED_KEYS = {"label", "algorithm", "n", "steps", "seeds"}
 OPTIONAL_KEYS = {"checkpoint_freq", "hparams"}
 
@@ -107,9 +113,11 @@ def grid_jobs(grid: list[dict[str, Any]]) -> list[tuple[str, TrainJob]]:
     return jobs
 
 
-def job_summary(label: str, job: TrainJob, runs_dir: Path) -> dict[str, Any]:
-    """One line of the summary: what a finished job selected and ended at."""
-    records = sorted(read_jsonl(run_dir(runs_dir, job) / "results.jsonl"), key=lambda r: r["step"])
+def job_summary(label: str, job: TrainJob, runs_dir: Path, diverged: str | None = None) -> dict[str, Any]:
+    """One line of the summary: what a job selected and ended at, or, if it diverged, the error
+    and its curve up to the last checkpoint it wrote."""
+    path = run_dir(runs_dir, job) / "results.jsonl"
+    records = sorted(read_jsonl(path), key=lambda r: r["step"]) if path.exists() else []
     test = job.test_env
     train_envs = range(test)  # CdSprites-N: environments 0 … N − 1 train, N is the decorrelated one
     curve = [
@@ -117,29 +125,42 @@ def job_summary(label: str, job: TrainJob, runs_dir: Path) -> dict[str, Any]:
          "val": round(sum(r[f"env{e}_out_acc"] for e in train_envs) / len(train_envs), 4)}
         for r in records
     ]
-    return {"label": label, "algorithm": job.algorithm, "n": job.test_env, "seed": job.seed,
-            "steps": job.steps, "hparams": job.hparams, "selected": _selected_acc(records),
-            "final": curve[-1]["test"], "train_seconds": round(training_seconds(records), 1),
+    line = {"label": label, "algorithm": job.algorithm, "n": job.test_env, "seed": job.seed,
+            "steps": job.steps, "hparams": job.hparams,
+            "selected": None if diverged else _selected_acc(records),
+            "final": None if diverged else curve[-1]["test"],
+            "train_seconds": round(training_seconds(records), 1) if records else 0.0,
             "cuda": torch.cuda.is_available(), "curve": curve}
+    if diverged:
+        line["diverged"] = diverged
+    return line
+
+
+def divergence(error: str) -> str | None:
+    """The non-finite-loss message in a failed job's error tail, or None for any other failure."""
+    for text in reversed(error.splitlines()):
+        if DIVERGED in text:
+            return text.split(f"{DIVERGED}:", 1)[-1].strip()
+    return None
 
 
 def table(lines: list[dict[str, Any]], grid: list[dict[str, Any]]) -> str:
-    """Per setting: seeds done, selected accuracy mean ± SE, seeds ≥ 90%, seeds ≤ 60%."""
-    out = ["| setting | seeds | selected, mean ± SE | ≥ 90% | ≤ 60% | per seed | train s/job |",
-           "|---|---|---|---|---|---|---|"]
+    """Per setting: seeds, selected accuracy mean ± SE over the finished seeds, finished seeds
+    ≥ 90% and ≤ 60%, diverged seeds."""
+    out = ["| setting | seeds | selected, mean ± SE | ≥ 90% | ≤ 60% | diverged | per seed | train s/job |",
+           "|---|---|---|---|---|---|---|---|"]
     for setting in grid:
         mine = sorted((line for line in lines if line["label"] == setting["label"]), key=lambda line: line["seed"])
-        if not mine:
-            out.append(f"| {setting['label']} | 0 | | | | | |")
-            continue
-        accs = [100 * line["selected"] for line in mine]
-        mean, se = mean_se(accs)
-        wins = sum(a >= 100 * WIN for a in accs)
-        losses = sum(a <= 100 * LOSS for a in accs)
-        seconds = sum(line["train_seconds"] for line in mine) / len(mine)
-        per_seed = " ".join(f"{a:.0f}" for a in accs)
-        out.append(f"| {setting['label']} | {len(mine)} | {mean:.1f} ± {se:.1f} | {wins} | {losses} | {per_seed} "
-                   f"| {seconds:.0f} |")
+        finished = [100 * line["selected"] for line in mine if not line.get("diverged")]
+        per_seed = " ".join("✗" if line.get("diverged") else f"{100 * line['selected']:.0f}" for line in mine)
+        cells = [setting["label"], len(mine), "", "", "", len(mine) - len(finished), per_seed, ""]
+        if finished:
+            mean, se = mean_se(finished)
+            cells[2:5] = [f"{mean:.1f} ± {se:.1f}", sum(a >= 100 * WIN for a in finished),
+                          sum(a <= 100 * LOSS for a in finished)]
+            seconds = [line["train_seconds"] for line in mine if not line.get("diverged")]
+            cells[7] = f"{sum(seconds) / len(seconds):.0f}"
+        out.append("|" + "|".join(f" {cell} " if cell != "" else " " for cell in cells) + "|")
     return "\n".join(out)
 
 
@@ -164,15 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
 
         def record(outcome) -> None:
-            if outcome.error:
-                print(f"FAILED {outcome.job.name}: {outcome.error}", file=sys.stderr, flush=True)
+            diverged = divergence(outcome.error) if outcome.error else None
+            if outcome.error and not diverged:
+                print(f"FAILED {outcome.job.name} (left out of {args.summary}; run the same command again "
+                      f"to retry it): {outcome.error}", file=sys.stderr, flush=True)
                 return
-            line = job_summary(labels[outcome.job.name], outcome.job, args.runs_dir)
+            line = job_summary(labels[outcome.job.name], outcome.job, args.runs_dir, diverged)
             lines.append(line)
             with args.summary.open("a") as f:
                 f.write(json.dumps(line) + "\n")
-            print(f"[{time.perf_counter() - start:6.0f} s] {line['label']} seed {line['seed']}: "
-                  f"selected {100 * line['selected']:.1f}%, final {100 * line['final']:.1f}% "
+            result = (f"diverged: {diverged}" if diverged else
+                      f"selected {100 * line['selected']:.1f}%, final {100 * line['final']:.1f}%")
+            print(f"[{time.perf_counter() - start:6.0f} s] {line['label']} seed {line['seed']}: {result} "
                   f"({outcome.seconds:.0f} s)", flush=True)
 
         run_jobs(args.runs_dir, [job for _, job in pending], args.workers, progress=record, runner=args.runner)

@@ -125,8 +125,56 @@ def test_race_table_counts_wins_and_losses_per_setting() -> None:
              for s, acc in enumerate([0.95, 0.50, 0.92])]
     rows = race.table(lines, grid).splitlines()
     # DomainBed's standard error: the population standard deviation over √n (20.6 / √3)
-    assert rows[2] == "| a | 3 | 79.0 ± 11.9 | 2 | 1 | 95 50 92 | 10 |"
-    assert rows[3] == "| b | 0 | | | | | |"
+    assert rows[2] == "| a | 3 | 79.0 ± 11.9 | 2 | 1 | 0 | 95 50 92 | 10 |"
+    assert rows[3] == "| b | 0 | | | | 0 | | |"
+
+
+def test_race_table_counts_a_diverged_seed_as_a_seed_outside_the_mean() -> None:
+    race = load_benchmark("cdsprites_race")
+    lines = [{"label": "a", "seed": 0, "selected": 0.95, "train_seconds": 10.0},
+             {"label": "a", "seed": 1, "selected": None, "train_seconds": 4.0, "diverged": "IDGM: non-finite"},
+             {"label": "a", "seed": 2, "selected": 0.55, "train_seconds": 20.0},
+             {"label": "b", "seed": 0, "selected": None, "train_seconds": 1.0, "diverged": "IDGM: non-finite"}]
+    rows = race.table(lines, [{"label": "a"}, {"label": "b"}]).splitlines()
+    assert rows[2] == "| a | 3 | 75.0 ± 14.1 | 1 | 1 | 1 | 95 ✗ 55 | 15 |"  # SE of 95 and 55: 20 / √2
+    assert rows[3] == "| b | 1 | | | | 1 | ✗ | |"
+
+
+def test_race_tells_a_divergence_from_a_failure_to_retry() -> None:
+    race = load_benchmark("cdsprites_race")
+    tail = ("Traceback (most recent call last):\n  File \"idgm.py\", line 246, in update\n"
+            "domainbed_fish.errors.NonFiniteLossError: IDGM: non-finite loss (nan) at update step 2 on "
+            "the step.\n(exit status 1)")
+    assert race.divergence(tail) == "IDGM: non-finite loss (nan) at update step 2 on the step."
+    assert race.divergence("MemoryError\n(exit status -9)") is None
+
+
+@requires_domainbed
+def test_race_records_a_diverged_job_and_does_not_run_it_again(tmp_path: Path) -> None:
+    # Unbounded IDGM with SGD at lr 1e4 goes NaN within a few steps; ERM beside it finishes.
+    blowup = {"cdsprites_per_domain": 20, "batch_size": 4, "idgm_optimizer": "sgd", "lr": 1e4,
+              "idgm_gamma": 1.0, "idgm_penalty_bound": math.inf}
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([
+        {"label": "blowup", "algorithm": "IDGM", "n": 5, "steps": 6, "checkpoint_freq": 1, "seeds": 1,
+         "hparams": blowup},
+        {"label": "erm", "algorithm": "ERM", "n": 5, "steps": 3, "checkpoint_freq": 1, "seeds": 1,
+         "hparams": {"cdsprites_per_domain": 20, "batch_size": 4}},
+    ]))
+    summary = tmp_path / "race.jsonl"
+    command = [sys.executable, str(BENCHMARKS / "cdsprites_race.py"), "--grid", str(grid), "--runs_dir",
+               str(tmp_path / "runs"), "--summary", str(summary), "--workers", "1"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "FAILED" not in run.stderr, run.stderr
+    lines = {line["label"]: line for line in map(json.loads, summary.read_text().splitlines())}
+    assert lines["blowup"]["selected"] is None and "non-finite" in lines["blowup"]["diverged"]
+    assert 1 <= len(lines["blowup"]["curve"]) < 7  # the checkpoints written before the NaN
+    assert lines["erm"]["selected"] is not None and "diverged" not in lines["erm"]
+    assert "| blowup | 1 | | | | 1 | ✗ | |" in run.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 jobs to run" in again.stdout, again.stdout + again.stderr
+    assert len(summary.read_text().splitlines()) == 2
 
 
 @requires_domainbed

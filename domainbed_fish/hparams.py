@@ -28,7 +28,8 @@ BOUND_METRICS = ("optimizer", "euclidean")
 
 #: IDGM hyperparameters newer than saved runs and checkpoints, with the value that gives
 #: those runs the behaviour they were trained with (so they load and resume unchanged).
-IDGM_ADDED_LATER: dict[str, Any] = {"idgm_bound_metric": "euclidean", "idgm_gip_metric": "euclidean"}
+IDGM_ADDED_LATER: dict[str, Any] = {"idgm_bound_metric": "euclidean", "idgm_gip_metric": "euclidean",
+                                    "idgm_momentum": 0.9}
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ IDGM_HPARAMS: tuple[HParam, ...] = (
            "reset at the switch, as DomainBed's IRM and VREx"),
     HParam("idgm_optimizer", "adam", _fixed("adam"),
            f"optimizer, one of {OPTIMIZERS}"),
+    HParam("idgm_momentum", 0.9, _fixed(0.9),
+           "momentum of the optimizer: SGD's momentum, or Adam's β₁ (0.9 is DomainBed's Adam)"),
 )
 
 
@@ -209,6 +212,7 @@ class IDGMConfig:
     optimizer: str
     bound_metric: str = "optimizer"
     gip_metric: str = "euclidean"
+    momentum: float = 0.9
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> IDGMConfig:
@@ -228,6 +232,9 @@ class IDGMConfig:
         weight_decay = _number(hparams, "weight_decay")
         if weight_decay < 0:
             raise _bad("weight_decay", hparams["weight_decay"], "weight_decay >= 0")
+        momentum = _number(hparams, "idgm_momentum")
+        if not 0.0 <= momentum < 1.0:
+            raise _bad("idgm_momentum", hparams["idgm_momentum"], "0 <= momentum < 1")
         return cls(
             lr=lr,
             weight_decay=weight_decay,
@@ -237,6 +244,7 @@ class IDGMConfig:
             optimizer=_choice(hparams, "idgm_optimizer", OPTIMIZERS),
             bound_metric=_choice(hparams, "idgm_bound_metric", BOUND_METRICS),
             gip_metric=_choice(hparams, "idgm_gip_metric", BOUND_METRICS),
+            momentum=momentum,
         )
 
 

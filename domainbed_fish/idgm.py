@@ -198,7 +198,7 @@ class IDGMUpdater:
         self.network = network
         self.config = config
         self.optimizer = make_optimizer(
-            config.optimizer, network.parameters(), config.lr, config.weight_decay
+            config.optimizer, network.parameters(), config.lr, config.weight_decay, config.momentum
         )
         self.num_updates = 0
 

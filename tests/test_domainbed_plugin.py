@@ -260,6 +260,7 @@ BAD_HPARAMS = [
     ("IDGM", "idgm_optimizer", "rmsprop", r"'idgm_optimizer' = 'rmsprop' is invalid: allowed one of 'adam', 'amsgrad', 'sgd'"),
     ("IDGM", "idgm_penalty_anneal_iters", 2.5, r"'idgm_penalty_anneal_iters' = 2\.5 is invalid"),
     ("IDGM", "idgm_bound_metric", "adam", r"'idgm_bound_metric' = 'adam' is invalid: allowed one of 'optimizer', 'euclidean'"),
+    ("IDGM", "idgm_momentum", 1.0, r"'idgm_momentum' = 1\.0 is invalid: allowed 0 <= momentum < 1"),
 ]
 
 

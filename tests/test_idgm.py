@@ -3,6 +3,7 @@ differences; its annealing, checks and checkpoints."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 
@@ -265,14 +266,34 @@ def test_fish_with_a_preconditioned_inner_step_follows_the_metric_gip():
 def test_runs_saved_before_the_bound_metric_existed_keep_the_euclidean_bound():
     """Checkpoints and ``results.jsonl`` written before ``idgm_bound_metric`` lack it; they
     load, and resume with the bound they were trained with."""
-    added_later = ("idgm_bound_metric", "idgm_gip_metric")
+    added_later = ("idgm_bound_metric", "idgm_gip_metric", "idgm_momentum")
     hparams = {s.name: s.default for s in IDGM_HPARAMS if s.name not in added_later}
     hparams.update(lr=1e-3, weight_decay=0.0)
     assert IDGMConfig.from_hparams(hparams).bound_metric == "euclidean"
     assert IDGMConfig.from_hparams(hparams).gip_metric == "euclidean"
+    assert IDGMConfig.from_hparams(hparams).momentum == 0.9  # the optimizers' fixed momentum then
     assert idgm_config().bound_metric == "optimizer"  # new runs get the metric bound
     with pytest.raises(ValueError, match="missing hyperparameters \\['idgm_gamma'\\]"):
         IDGMConfig.from_hparams({k: v for k, v in hparams.items() if k != "idgm_gamma"})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_idgm_momentum_is_the_optimizers_momentum(optimizer):
+    """``idgm_momentum`` is SGD's momentum or Adam's β₁: with 0, SGD's step is −lr·∇L exactly."""
+    net, batches = tiny_net(), domain_minibatches()
+    for momentum in (0.0, 0.5):
+        updater = IDGMUpdater(net, idgm_config(idgm_optimizer=optimizer, idgm_momentum=momentum))
+        group = updater.optimizer.param_groups[0]
+        assert (group["momentum"] if optimizer == "sgd" else group["betas"][0]) == momentum
+    # penalty annealed (γ = 0 for 500 steps): two SGD steps without momentum are plain gradient steps
+    updater = IDGMUpdater(net, idgm_config(idgm_optimizer="sgd", idgm_momentum=0.0, lr=0.1))
+    for _ in range(2):
+        reference = copy.deepcopy(net)
+        loss = sum(torch.nn.functional.cross_entropy(reference(x), y) for x, y in batches) / len(batches)
+        grads = torch.autograd.grad(loss, list(reference.parameters()))
+        updater.step(batches)
+        for p, q, g in zip(net.parameters(), reference.parameters(), grads):
+            torch.testing.assert_close(p, q - 0.1 * g)
 
 
 def test_bound_keeps_adam_from_diverging_where_fixed_gamma_does():

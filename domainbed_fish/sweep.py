@@ -25,7 +25,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ from domainbed_fish.lockfile import is_locked
 from domainbed_fish.selection import needs_pairs, parse_selection, required_test_envs
 
 DONE, RUNNING, INCOMPLETE, NOT_LAUNCHED = "done", "running", "incomplete", "not launched"
+#: ``--data_dir`` of a preset whose datasets generate their data (``"data_dir": null``).
+NO_DATA_DIR = "unused-generated-datasets"
 STATES = (DONE, RUNNING, INCOMPLETE, NOT_LAUNCHED)
 _TRAIN = "python -m domainbed.scripts.train"
 
@@ -210,6 +211,7 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
     if not datasets:
         raise SystemExit("error: give --datasets (or a --preset)")
     hparams: dict[str, Any] = dict(preset.get("hparams") or {})
+    hparams_string: str | None = None
     if args.hparams:
         try:
             user = json.loads(args.hparams)
@@ -220,6 +222,9 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
         if not isinstance(user, dict):
             raise SystemExit("error: --hparams must be a JSON object, e.g. '{\"lr\": 1e-4}'")
         hparams.update(user)
+        # The string is hashed into the job's directory: kept as typed, it names the
+        # directory DomainBed's own sweep would, so either command resumes the other's sweep.
+        hparams_string = args.hparams if not preset.get("hparams") else None
     selection_value = pick("selection")
     if selection_value is None:
         selection_value = "training,oracle" if args.single_test_envs else "all"
@@ -235,7 +240,9 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
     data_dir = args.data_dir or os.environ.get("DOMAINBED_FISH_DATA_DIR")
     if data_dir is None:
         if "data_dir" in preset and preset["data_dir"] is None:
-            data_dir = tempfile.gettempdir()  # the preset's datasets read no files
+            # The preset's datasets read no files; a fixed value keeps the hashed job
+            # directories the same on every machine and under every TMPDIR.
+            data_dir = NO_DATA_DIR
         else:
             raise SystemExit("error: --data_dir is required (DomainBed's data directory), "
                              "or set DOMAINBED_FISH_DATA_DIR")
@@ -243,7 +250,7 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
         datasets=list(datasets), algorithms=list(pick("algorithms")), task=pick("task"),
         n_hparams_from=pick("n_hparams_from"), n_hparams=pick("n_hparams"), n_trials=pick("n_trials"),
         seed=pick("seed"), steps=pick("steps"),
-        hparams=json.dumps(hparams, sort_keys=True) if hparams else None,
+        hparams=hparams_string or (json.dumps(hparams, sort_keys=True) if hparams else None),
         holdout_fraction=pick("holdout_fraction"), selection=selection, test_envs=pick("test_envs"),
         checkpoint_freq=pick("checkpoint_freq"), data_dir=str(data_dir), output_dir=str(args.output_dir),
         command_launcher=pick("command_launcher"),

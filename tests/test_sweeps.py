@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -91,6 +92,40 @@ def test_sweep_launches_exactly_the_jobs_a_selection_needs(domainbed, tmp_path, 
                                    "domain_generalization", 0.2, selection in ("training", "oracle"), None)
     db_dirs = {db_sweep.Job(a, str(tmp_path / "out")).output_dir for a in full}
     assert {j.job.output_dir for j in jobs} <= db_dirs
+
+
+@requires_domainbed
+@pytest.mark.parametrize("hparams", ['{"lr":1e-4}', '{"batch_size": 8, "lr": 0.001}'])
+def test_hparams_are_hashed_as_typed_so_domainbeds_sweep_names_the_same_directories(domainbed, tmp_path, hparams):
+    from domainbed_fish import sweep
+    from domainbed_fish.locate import import_domainbed
+
+    argv = ["dry_run", "--datasets", "Debug28", "--algorithms", "Fish", "--n_hparams", "1", "--n_trials", "1",
+            "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--hparams", hparams]
+    jobs = sweep.make_jobs(sweep.resolve(sweep.build_parser().parse_args(argv)))
+    db_sweep = import_domainbed("scripts.sweep")
+    full = db_sweep.make_args_list(1, ["Debug28"], ["Fish"], 0, 1, None, str(tmp_path),
+                                   "domain_generalization", 0.2, False, hparams)
+    assert {j.job.output_dir for j in jobs} == {db_sweep.Job(a, str(tmp_path / "out")).output_dir for a in full}
+
+
+@requires_domainbed
+def test_a_file_free_presets_job_directories_do_not_depend_on_tmpdir(domainbed, tmp_path, monkeypatch):
+    from domainbed_fish import sweep
+
+    def directories() -> set[str]:
+        argv = ["dry_run", "--preset", "cpu_quick", "--output_dir", str(tmp_path / "out")]
+        return {j.job.output_dir for j in sweep.make_jobs(sweep.resolve(sweep.build_parser().parse_args(argv)))}
+
+    monkeypatch.delenv("DOMAINBED_FISH_DATA_DIR", raising=False)
+    first = None
+    for tmpdir in ("a", "b"):
+        (tmp_path / tmpdir).mkdir()
+        monkeypatch.setenv("TMPDIR", str(tmp_path / tmpdir))
+        monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() caches its answer
+        assert tempfile.gettempdir() == str(tmp_path / tmpdir)
+        first = first or directories()
+        assert directories() == first
 
 
 @requires_domainbed

@@ -259,6 +259,21 @@ def test_a_job_another_process_is_training_is_left_alone_with_the_fix(tmp_path, 
     assert jobs_module.job_state(tmp_path, job) == "to do"  # the lock went with its holder
 
 
+def test_a_job_locked_just_after_a_state_check_is_not_cleared(tmp_path, monkeypatch):
+    """Another process may take the lock between a check that found it free and the clearing
+    of the directory: the clearing happens under the lock, so that process's files stay."""
+    job = TrainJob("LinearToy", "ERM", 0, 2, 10, 5)
+    directory = jobs_module.run_dir(tmp_path, job)
+    directory.mkdir(parents=True)
+    (directory / "results.jsonl").write_text('{"step": 0}\n')
+    monkeypatch.setattr(jobs_module, "is_locked", lambda _: False)  # the check saw it free
+    monkeypatch.setattr(jobs_module.subprocess, "run", lambda *a, **kw: pytest.fail("the job was started"))
+    with JobLock(directory):
+        outcome = jobs_module.run_job(tmp_path, job, threads=1, runner="subprocess")
+    assert "is being trained by another process" in outcome.error
+    assert (directory / "results.jsonl").read_text() == '{"step": 0}\n'
+
+
 _KILLED_LAUNCHER = """
 import sys
 from pathlib import Path

@@ -217,6 +217,26 @@ def test_job_lock_is_exclusive_and_dies_with_its_process(tmp_path):
     lock.release()
 
 
+def test_job_lock_survives_its_directory_being_deleted_while_it_is_taken(tmp_path, monkeypatch):
+    """``delete_incomplete`` may remove the job's directory between the lock's mkdir and its
+    open: the lock makes the directory again and takes it."""
+    import domainbed_fish.lockfile as lockfile
+
+    job, real_open, calls = tmp_path / "job", os.open, []
+
+    def open_after_a_delete(path, *args):
+        calls.append(path)
+        if len(calls) == 1:
+            (tmp_path / "job").rmdir()
+        return real_open(path, *args)
+
+    monkeypatch.setattr(lockfile.os, "open", open_after_a_delete)
+    lock = JobLock(job)
+    assert lock.acquire(patience_s=0)
+    assert len(calls) == 2 and holder_pid(job) == os.getpid()
+    lock.release()
+
+
 def test_run_job_help_and_missing_output_dir_say_what_it_takes(tmp_path):
     helped = subprocess.run([PYTHON, "-m", "domainbed_fish.run_job", "--help"], capture_output=True, text=True,
                             env=sweep_env(), cwd=tmp_path, timeout=60)

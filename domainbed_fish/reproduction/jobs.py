@@ -44,9 +44,10 @@ from typing import Any, Literal
 
 from domainbed_fish.lifetime import LAUNCHER_PID_VARIABLE
 from domainbed_fish.locate import import_domainbed
-from domainbed_fish.lockfile import holder_pid, is_locked
+from domainbed_fish.lockfile import JobLock, holder_pid, is_locked
 from domainbed_fish.reproduction.presets import TrainJob
 from domainbed_fish.results import read_jsonl, train_error_tail
+from domainbed_fish.run_job import clear_job_dir
 
 JobState = Literal["done", "stale", "running", "to do"]
 JobRunner = Literal["forkserver", "subprocess"]
@@ -201,13 +202,16 @@ def run_job(output_dir: Path, job: TrainJob, threads: int, runner: JobRunner | N
     if runner not in JOB_RUNNERS:
         raise ValueError(f"unknown job runner {runner!r}: choose one of {list(JOB_RUNNERS)}")
     directory = run_dir(output_dir, job)
-    if is_locked(directory):
-        return JobOutcome(job, 0.0, still_running(directory))
     # run_job clears the directory again under the lock; clearing here too means that a job
-    # failing before it gets there is not reported with an earlier attempt's err.txt.
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    # failing before it gets there is not reported with an earlier attempt's err.txt.  Only
+    # under the lock: another process may be training this job.
+    lock = JobLock(directory)
+    if not lock.acquire():
+        return JobOutcome(job, 0.0, still_running(directory))
+    try:
+        clear_job_dir(directory)
+    finally:
+        lock.release()
     train_args = job.train_args(str(directory))
     start = time.perf_counter()
     if runner == "forkserver":

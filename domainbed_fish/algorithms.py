@@ -18,6 +18,7 @@ from domainbed_fish.gradients import Minibatches
 from domainbed_fish.hparams import FishConfig, IDGMConfig
 from domainbed_fish.idgm import IDGMUpdater
 from domainbed_fish.locate import import_domainbed
+from domainbed_fish.optim import apply_to_state_
 
 _db_algorithms = import_domainbed("algorithms")
 _networks = import_domainbed("networks")
@@ -56,9 +57,12 @@ class Fish(_db_algorithms.Algorithm):
 
     def _apply(self, fn, recurse=True):
         # The inner copy is not a submodule (it would double state_dict() and
-        # parameters()), so move it with the model explicitly.
+        # parameters()), so move it with the model explicitly; the optimizers'
+        # moments too, for a checkpoint loaded before .to(device).
         super()._apply(fn, recurse)
         self.fish.inner_network._apply(fn, recurse)
+        for optimizer in (self.fish.inner_optimizer, self.fish.warmup_optimizer):
+            apply_to_state_(optimizer, fn)
         return self
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -93,6 +97,11 @@ class IDGM(_db_algorithms.Algorithm):
 
     def predict(self, x: Tensor) -> Tensor:
         return self.network(x)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        apply_to_state_(self.idgm.optimizer, fn)  # for a checkpoint loaded before .to(device)
+        return self
 
     def get_extra_state(self) -> dict[str, Any]:
         return self.idgm.state_dict()

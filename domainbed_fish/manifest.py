@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from domainbed_fish.files import write_text_atomic
+
 MANIFEST_NAME = "sweep_manifest.json"
 
 
@@ -87,7 +89,5 @@ def write_manifest(output_dir: str | os.PathLike, jobs: dict[str, dict], options
                 "n_jobs": len(jobs),
             }
         )
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(manifest, indent=1, sort_keys=True))
     return path

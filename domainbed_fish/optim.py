@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +27,19 @@ def make_optimizer(
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+
+def apply_to_state_(optimizer: torch.optim.Optimizer, fn: Callable[[Tensor], Tensor]) -> None:
+    """Convert the optimizer's per-parameter tensors (moments) with ``fn``, a module's
+    ``_apply`` conversion (``.to(device)``, ``.double()``, …), leaving step counts alone.
+
+    torch puts loaded state on the parameters' device and dtype when it is loaded, so a
+    module moved after ``load_state_dict`` would step with moments left behind.
+    """
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key != "step" and isinstance(value, Tensor):
+                state[key] = fn(value)
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

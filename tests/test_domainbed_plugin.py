@@ -305,6 +305,36 @@ def test_state_dict_is_a_complete_checkpoint(domainbed, name):
     assert _max_difference(a, b) == 0.0
 
 
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_a_checkpoint_loaded_before_a_move_moves_with_the_model(domainbed, name):
+    """DomainBed's order: build, load, then ``.to(device)``.  The optimizers' moments follow
+    the weights (shown with a dtype, the change a CPU can make)."""
+    from domainbed import hparams_registry
+
+    hparams = {**hparams_registry.default_hparams(name, "Debug28"), "idgm_penalty_anneal_iters": 0,
+               "fish_warmup_steps": 1}
+    input_shape, batches = debug28_minibatches(domainbed, hparams, steps=3)
+    a = make_algorithm(domainbed, name, input_shape, 3, hparams)
+    for minibatches in batches[:2]:
+        a.update(minibatches)
+    b = make_algorithm(domainbed, name, input_shape, 3, hparams, seed=1)
+    b.load_state_dict(roundtrip(a.state_dict()))
+    b.double()
+    a.double()
+    moments = [v for opt in _optimizers(b) for st in opt.state.values() for k, v in st.items() if k != "step"]
+    assert moments and all(v.dtype == torch.float64 for v in moments)
+    doubled = [(x.double(), y) for x, y in batches[2]]
+    a.update(doubled)
+    b.update(doubled)
+    assert _max_difference(a, b) == 0.0
+
+
+def _optimizers(algorithm) -> list[torch.optim.Optimizer]:
+    if hasattr(algorithm, "fish"):
+        return [algorithm.fish.inner_optimizer, algorithm.fish.warmup_optimizer]
+    return [algorithm.idgm.optimizer]
+
+
 # --------------------------------------------------------------------------- DomainBed's train script
 
 

@@ -420,8 +420,14 @@ def test_quick_reproduction_runs_through_domainbed_and_writes_the_report(domainb
     again = subprocess.run([*command, "--dry_run"], capture_output=True, text=True, timeout=600, cwd=REPO,
                            env=subprocess_env())
     assert "11 jobs, 11 already done" in again.stdout
+    from domainbed_fish.reproduction.gip_trace import TRACE_FILE
+
+    (trace, *_) = sorted((out / "runs").glob(f"*/{TRACE_FILE}"))
+    whole = trace.read_text()
+    trace.write_text(whole[: len(whole) // 2])  # what a report killed while writing it left before
     rewritten = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=subprocess_env())
     assert rewritten.returncode == 0, rewritten.stderr[-3000:]
+    assert json.loads(trace.read_text()) == json.loads(whole)  # measured again
     assert "ran 0 of the 11 jobs in" in (out / "report.md").read_text()
     assert "(11 were already done, from an earlier invocation)" in (out / "report.md").read_text()
 

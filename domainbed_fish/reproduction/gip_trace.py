@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from domainbed_fish.files import write_text_atomic
 from domainbed_fish.gradients import mean_pairwise_inner_product, per_domain_gradients, per_domain_losses
 from domainbed_fish.locate import import_domainbed
 
@@ -66,8 +67,10 @@ def alignment(network: torch.nn.Module, minibatches) -> tuple[float, float]:
 def measure_trace(run: Path, probe_per_domain: int = 64) -> list[tuple[int, float, float]]:
     """``[(step, Ĝ, cosine), …]`` of every ``model_step*.pkl`` in ``run``, cached in ``gip_trace.json``."""
     cache = run / TRACE_FILE
-    if cache.exists():
+    try:
         return [tuple(pair) for pair in json.loads(cache.read_text())]
+    except (FileNotFoundError, json.JSONDecodeError):  # not measured yet, or cut short by a kill
+        pass
     checkpoints = sorted((int(m.group(1)), path) for path in run.glob("model_step*.pkl")
                          if (m := _STEP.search(path.name)))
     trace = []
@@ -80,5 +83,5 @@ def measure_trace(run: Path, probe_per_domain: int = 64) -> list[tuple[int, floa
                                         probe_per_domain)
         network = network_from_checkpoint(checkpoint)
         trace.append((step, *alignment(network, batches)))
-    cache.write_text(json.dumps(trace))
+    write_text_atomic(cache, json.dumps(trace))
     return trace

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from domainbed_fish.files import write_text_atomic
 from domainbed_fish.locate import import_domainbed
 from domainbed_fish.report import mean_se
 from domainbed_fish.reproduction.gip_trace import measure_trace, network_from_checkpoint
@@ -299,7 +300,7 @@ def write_report(output_dir: Path, preset: Preset, header: Sequence[str] = ()) -
     summary = summarise(preset, results)
     summary["missing"] = [job.name for job in missing]
     summary["targets"] = [list(check) for check in targets(summary)]
-    (output_dir / "report.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(output_dir / "report.json", json.dumps(summary, indent=2))
     (output_dir / "report.md").write_text(render_markdown(preset, summary, missing, header))
     write_figures(summary, output_dir)
     return summary

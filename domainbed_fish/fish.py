@@ -128,6 +128,11 @@ def domain_schedule(
 # ----------------------------------------------------------------------------- the step
 
 
+#: Momentum (SGD) or β₁ (Adam) of the ERM warm-up's optimizer: DomainBed's Adam, and the
+#: official Camelyon17 recipe's SGD.
+WARMUP_MOMENTUM = 0.9
+
+
 class FishUpdater:
     """Fish's outer step on ``network``, with a persistent inner copy and optimizer.
 
@@ -141,8 +146,10 @@ class FishUpdater:
         # Built once: the inner loop only ever copies weights into it.
         self.inner_network = copy.deepcopy(network).train()
         self.inner_optimizer = self._optimizer(self.inner_network, config.inner_optimizer)
-        # Used only by the ERM warm-up steps (fish_warmup_steps).
-        self.warmup_optimizer = make_optimizer("adam", self.network.parameters(), config.lr, config.weight_decay)
+        # Used only by the ERM warm-up steps (fish_warmup_steps): the inner optimizer's kind, as
+        # in the official code's pretraining (Camelyon17: SGD), with DomainBed's momentum/β₁ 0.9.
+        self.warmup_optimizer = make_optimizer(config.inner_optimizer, self.network.parameters(), config.lr,
+                                               config.weight_decay, WARMUP_MOMENTUM)
         self.generator = torch.Generator()
         self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
         self.num_updates = 0

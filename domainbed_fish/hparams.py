@@ -67,10 +67,12 @@ FISH_HPARAMS: tuple[HParam, ...] = (
            "outer step size ε: 'meta_lr' (DomainBed) or 'meta_lr/meta_steps' (official "
            "WILDS code)"),
     HParam("fish_warmup_steps", 0, _fixed(0),
-           "plain ERM steps before Fish starts (the official WILDS recipe's pretrain_iters)"),
+           "plain ERM steps before Fish starts (the official WILDS recipe's pretrain_iters), "
+           "with an optimizer of fish_inner_optimizer's kind at lr, momentum/β₁ 0.9"),
     HParam("gip_every", 20, _fixed(20),
            "measure the gradient inner product at the weights before the step every this "
-           "many Fish steps (it costs one extra forward/backward per domain); 0: never"),
+           "many steps, warm-up steps included (it costs one extra forward/backward per "
+           "domain); 0: never"),
 )
 
 IDGM_HPARAMS: tuple[HParam, ...] = (

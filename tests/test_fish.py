@@ -198,12 +198,19 @@ def test_no_construction_or_deep_copy_per_step(monkeypatch):
 # --------------------------------------------------------------------------- warm-up, diagnostic, errors, checkpoints
 
 
-def test_warmup_steps_are_plain_erm_then_fish():
+@pytest.mark.parametrize("inner, erm_optimizer", [
+    ("adam", lambda params: torch.optim.Adam(params, lr=1e-3)),
+    ("amsgrad", lambda params: torch.optim.Adam(params, lr=1e-3, amsgrad=True)),
+    ("sgd", lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9)),  # official Camelyon17 pretraining
+])
+def test_warmup_steps_are_plain_erm_then_fish(inner, erm_optimizer):
     batches = domain_minibatches()
     net, erm = tiny_net(), tiny_net()
     # Ĝ measured every 2 steps, through the warm-up too: it must not disturb the ERM steps.
-    updater = FishUpdater(net, fish_config(fish_warmup_steps=3, gip_every=2))
-    optimizer = torch.optim.Adam(erm.parameters(), lr=1e-3)
+    # The inner momentum is not the warm-up's: that stays DomainBed's 0.9.
+    updater = FishUpdater(net, fish_config(fish_warmup_steps=3, gip_every=2, fish_inner_optimizer=inner,
+                                           fish_inner_momentum=0.5))
+    optimizer = erm_optimizer(erm.parameters())
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     warmup_stats = []
     for _ in range(3):
@@ -217,7 +224,11 @@ def test_warmup_steps_are_plain_erm_then_fish():
     assert ["gip" in s for s in warmup_stats] == [True, False, True]
     fish_stats = [updater.step(batches) for _ in range(2)]
     assert ["gip" in s for s in fish_stats] == [False, True]  # steps 3 and 4: one grid for both phases
-    assert {int(s["step"]) for s in updater.inner_optimizer.state.values()} == {6}
+    inner_state = list(updater.inner_optimizer.state.values())
+    if inner == "sgd":
+        assert inner_state and all(s["momentum_buffer"] is not None for s in inner_state)
+    else:
+        assert {int(s["step"]) for s in inner_state} == {6}
 
 
 def _bn_dropout_net(seed=0, device="cpu"):

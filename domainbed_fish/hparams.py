@@ -80,11 +80,13 @@ IDGM_HPARAMS: tuple[HParam, ...] = (
            "γ, the weight of the gradient inner product in L_erm − γĜ"),
     HParam("idgm_penalty_bound", 0.5, lambda r: float(r.uniform(0.25, 0.9)),
            "ρ: the penalty's gradient is kept within ρ·‖Ḡ‖ by lowering γ for that step "
-           "(γ_t = min(γ, ρ‖Ḡ‖/‖∇Ĝ‖)), so with ρ < 1 every step still descends L_erm; "
+           "(γ_t = min(γ, ρ‖Ḡ‖/‖∇Ĝ‖)), so with ρ < 1 this step's gradient is a descent "
+           "direction of L_erm (to first order; momentum carries earlier steps on); "
            "inf: a fixed γ, the unbounded objective"),
     HParam("idgm_bound_metric", "optimizer", _fixed("optimizer"),
            "norms of the bound: 'optimizer' measures Ḡ and ∇Ĝ in the metric of the step the "
-           "optimizer takes (Adam's 1/(√v̂ + eps) per coordinate), so that step descends L_erm; "
+           "optimizer takes (Adam's 1/(√v̂ + eps) per coordinate), so that step's own part "
+           "descends L_erm; "
            "'euclidean': plain norms, which only SGD's step respects"),
     HParam("idgm_gip_metric", "euclidean", _fixed("euclidean"),
            "inner product of Ĝ: 'euclidean', the paper's G_i·G_j; 'optimizer', G_iᵀWG_j in the "

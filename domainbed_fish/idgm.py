@@ -66,7 +66,10 @@ def bounded_gamma(gamma: float, bound: float, mean_grad_norm: Tensor, gip_grad_n
     descent directions but never reverses ERM's progress.  The norms may be taken in
     the metric ‖x‖²_W = Σ W x² of the optimizer's step W(Ḡ − γ_t∇Ĝ) (Cauchy–Schwarz
     in ⟨·,·⟩_W gives the same guarantee for the step actually taken; see
-    :func:`domainbed_fish.optim.step_metric`).  ``bound = inf`` is the fixed-γ objective.
+    :func:`domainbed_fish.optim.step_metric`).  The guarantee is first order and for this
+    step's gradient: with momentum (Adam's β₁, SGD's) the step taken also carries earlier
+    gradients, and may climb L_erm as ERM's own steps sometimes do.  ``bound = inf`` is the
+    fixed-γ objective.
     """
     if gamma == 0.0 or bound == float("inf"):
         return mean_grad_norm.new_tensor(gamma)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from domainbed_fish.errors import NonFiniteLossError
-from domainbed_fish.gradients import Minibatches, gradient_inner_product
+from domainbed_fish.gradients import Minibatches, gradient_inner_product, require_minibatches
 from domainbed_fish.hparams import FishConfig
 from domainbed_fish.optim import make_optimizer, reset_optimizer_state
 
@@ -166,6 +166,7 @@ class FishUpdater:
         ``order`` overrides the domain schedule for this step (used to average
         over all orders when checking Theorem 3.1).
         """
+        require_minibatches(minibatches, "Fish")
         c = self.config
         # Ĝ is traced on the same step grid through warm-up and Fish, so the trace
         # is comparable with ERM's from step 0 (the paper's Figure 5).
@@ -253,6 +254,8 @@ class FishUpdater:
     # -- checkpointing -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the network: the step count, both optimizers and
+        the domain-order generator."""
         return {
             "num_updates": self.num_updates,
             "inner_optimizer": self.inner_optimizer.state_dict(),
@@ -261,6 +264,7 @@ class FishUpdater:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (the network is loaded by its owner)."""
         self.num_updates = int(state["num_updates"])
         self.inner_optimizer.load_state_dict(state["inner_optimizer"])
         self.warmup_optimizer.load_state_dict(state["warmup_optimizer"])

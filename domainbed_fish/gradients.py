@@ -17,6 +17,17 @@ Minibatches = Sequence[tuple[Tensor, Tensor]]
 Gradients = Sequence[Tensor]  # one tensor per parameter
 
 
+def require_minibatches(minibatches: Minibatches, algorithm: str) -> None:
+    """Refuse an empty ``minibatches``, naming what ``update`` takes.
+
+    Raises:
+        ValueError: with the fix.
+    """
+    if len(minibatches) == 0:
+        raise ValueError(f"{algorithm}.update() got no minibatches: pass a list with one (x, y) pair per "
+                         "training domain, as DomainBed's train script does")
+
+
 def per_domain_losses(network: nn.Module, minibatches: Minibatches) -> list[Tensor]:
     """``[L_1, …, L_S]``: the mean cross-entropy of each domain's minibatch.
 

@@ -13,6 +13,7 @@ Names DomainBed already defines (``lr``, ``weight_decay``, ``batch_size``, and
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +115,8 @@ def _bad(name: str, value: Any, allowed: str) -> ValueError:
 
 def _number(hparams: Mapping[str, Any], name: str) -> float:
     value = hparams[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    # numbers.Real takes NumPy's scalars too (a hyperparameter computed with NumPy).
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise _bad(name, value, "a number")
     return float(value)
 

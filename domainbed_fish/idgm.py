@@ -30,6 +30,7 @@ from domainbed_fish.gradients import (
     mean_pairwise_inner_product,
     per_domain_gradients,
     per_domain_losses,
+    require_minibatches,
 )
 from domainbed_fish.hparams import IDGMConfig
 from domainbed_fish.optim import make_optimizer, reset_optimizer_state, step_metric
@@ -211,6 +212,9 @@ class IDGMUpdater:
         return self.config.gamma if on else 0.0
 
     def step(self, minibatches: Minibatches) -> dict[str, float]:
+        """One update on ``[(x_1, y_1), …, (x_S, y_S)]``; returns the objective, ``nll``,
+        ``gip`` (Ĝ) and ``penalty_weight`` (γ_t)."""
+        require_minibatches(minibatches, "IDGM")
         c = self.config
         if self.num_updates == c.penalty_anneal_iters and c.penalty_anneal_iters > 0:
             reset_optimizer_state(self.optimizer)
@@ -249,8 +253,10 @@ class IDGMUpdater:
         raise NonFiniteLossError("IDGM", self.num_updates, domain, float(values[bad]), what)
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the network: the step count and the optimizer."""
         return {"num_updates": self.num_updates, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (the network is loaded by its owner)."""
         self.num_updates = int(state["num_updates"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -8,6 +8,8 @@ imports neither torch nor DomainBed.
 
 from __future__ import annotations
 
+from typing import Any
+
 from domainbed_fish.hparams import (
     CDSPRITES_ALGORITHM_HPARAMS,
     CDSPRITES_HPARAMS,
@@ -63,7 +65,7 @@ LAUNCHERS: dict[str, str] = {
 }
 
 
-def load(target: str):
+def load(target: str) -> Any:
     """Import ``"module:attribute"`` and return the attribute."""
     import importlib
 

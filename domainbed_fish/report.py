@@ -173,7 +173,7 @@ def _delta_text(d: float | None) -> str:
     return "—" if d is None else f"{d:+.1f}"
 
 
-def _varying_hparams(selected: list[Selected], all_records) -> dict[tuple[str, str], list[str]]:
+def _varying_hparams(all_records: Any) -> dict[tuple[str, str], list[str]]:
     """Per (dataset, algorithm): the hyperparameters that differ between its runs."""
     values: dict[tuple[str, str], dict[str, set]] = defaultdict(lambda: defaultdict(set))
     for r in all_records:
@@ -422,7 +422,7 @@ def write_report(input_dir: str | os.PathLike, report_dir: str | os.PathLike | N
     tables, selected = build_tables(records, selection, progress=progress)
     missing = find_missing(input_dir, tables, runs)
     n_runs = sum(r.done for r in runs)
-    markdown = to_markdown(str(input_dir), tables, selected, missing, _varying_hparams(selected, records),
+    markdown = to_markdown(str(input_dir), tables, selected, missing, _varying_hparams(records),
                            n_runs, len(records))
     report_dir.mkdir(parents=True, exist_ok=True)
     files = []

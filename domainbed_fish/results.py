@@ -98,15 +98,15 @@ def scan(input_dir: str | os.PathLike, progress: bool = False) -> list[RunDir]:
     return runs
 
 
-def load_records(input_dir: str | os.PathLike, include_incomplete: bool = False, progress: bool = False):
-    """All records of the sweep as DomainBed's ``Q`` (what its selection methods take).
+def load_records(input_dir: str | os.PathLike, include_incomplete: bool = False, progress: bool = False) -> Any:
+    """All records of the sweep as DomainBed's ``lib.query.Q`` (what its selection methods take).
 
     ``include_incomplete``: also read jobs without ``done`` (as DomainBed does).
     """
     return records_of(scan(input_dir, progress=progress), include_incomplete)
 
 
-def records_of(runs: list[RunDir], include_incomplete: bool = False):
+def records_of(runs: list[RunDir], include_incomplete: bool = False) -> Any:
     """The records of already scanned runs as DomainBed's ``Q``: finished jobs only unless
     ``include_incomplete``."""
     from domainbed_fish.locate import import_domainbed

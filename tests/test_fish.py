@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, assert_resumes_identically, domain_minibatches, fish_config, tiny_net
+from conftest import DEVICES, assert_resumes_identically, domain_minibatches, fish_config, idgm_config, tiny_net
 from torch import nn
 
 from domainbed_fish.errors import NonFiniteLossError
@@ -25,6 +25,7 @@ from domainbed_fish.gradients import (
     per_domain_gradients,
     per_domain_losses,
 )
+from domainbed_fish.idgm import IDGMUpdater
 
 # --------------------------------------------------------------------------- pure pieces
 
@@ -285,3 +286,10 @@ def test_checkpoint_resumes_identically():
     config = fish_config(fish_random_order=True, meta_steps=3, num_domains=4)
     assert_resumes_identically(FishUpdater(tiny_net(), config, seed=3),
                                FishUpdater(tiny_net(seed=9), config, seed=123), batches, 3, 3)
+
+
+@pytest.mark.parametrize("name", ["Fish", "IDGM"])
+def test_an_update_without_minibatches_says_what_it_takes(name):
+    updater = FishUpdater(tiny_net(), fish_config()) if name == "Fish" else IDGMUpdater(tiny_net(), idgm_config())
+    with pytest.raises(ValueError, match=rf"{name}\.update\(\) got no minibatches: pass a list with one \(x, y\)"):
+        updater.step([])

@@ -7,6 +7,7 @@ import copy
 import functools
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, assert_resumes_identically, domain_minibatches, idgm_config, tiny_net
@@ -275,6 +276,15 @@ def test_runs_saved_before_the_bound_metric_existed_keep_the_euclidean_bound():
     assert idgm_config().bound_metric == "optimizer"  # new runs get the metric bound
     with pytest.raises(ValueError, match="missing hyperparameters \\['idgm_gamma'\\]"):
         IDGMConfig.from_hparams({k: v for k, v in hparams.items() if k != "idgm_gamma"})
+
+
+def test_numbers_may_be_numpy_scalars_and_booleans_are_not_numbers():
+    config = idgm_config(idgm_gamma=np.float32(0.25), lr=np.float64(1e-3), idgm_penalty_bound=np.int64(1))
+    assert (config.gamma, config.lr, config.penalty_bound) == (0.25, 1e-3, 1.0)
+    assert all(type(v) is float for v in (config.gamma, config.lr, config.penalty_bound))
+    for flag in (True, np.bool_(True)):
+        with pytest.raises(ValueError, match="idgm_gamma"):
+            idgm_config(idgm_gamma=flag)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

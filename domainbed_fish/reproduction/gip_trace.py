@@ -25,7 +25,9 @@ TRACE_FILE = "gip_trace.json"
 _STEP = re.compile(r"model_step(\d+)\.pkl$")
 
 
-def probe_minibatches(dataset: str, hparams: dict, test_env: int, per_domain: int, seed: int = 0):
+def probe_minibatches(
+    dataset: str, hparams: dict, test_env: int, per_domain: int, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed minibatches, ``per_domain`` images from each training environment."""
     datasets = import_domainbed("datasets")
     environments = datasets.get_dataset_class(dataset)(None, [test_env], hparams)

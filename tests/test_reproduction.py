@@ -208,6 +208,13 @@ def test_a_forked_job_trains_exactly_as_a_new_python_does(domainbed, tmp_path, d
     assert runs["forkserver"] == runs["subprocess"]
 
 
+def test_a_forked_job_writes_nothing_of_its_own_to_stderr(domainbed):
+    """A failed job's report quotes its stderr: the fork server's start of the preloaded
+    module must not add a warning of its own there."""
+    status, stderr = jobs_module._run_forked(["--help"], threads=1)
+    assert (status, stderr) == (0, "")
+
+
 @pytest.mark.parametrize("runner", jobs_module.JOB_RUNNERS)
 def test_a_failing_job_reports_the_train_scripts_error(domainbed, tmp_path, runner):
     """DomainBed's train script sends its stderr to err.txt and stdout, not to the process's
@@ -257,6 +264,20 @@ def test_a_job_another_process_is_training_is_left_alone_with_the_fix(tmp_path, 
     assert f"kill {os.getpid()}), then run the same command again" in outcome.error
     assert (directory / "results.jsonl").read_text() == '{"step": 0}\n'
     assert jobs_module.job_state(tmp_path, job) == "to do"  # the lock went with its holder
+
+
+def test_a_job_finished_by_another_invocation_after_the_plan_is_kept(tmp_path, monkeypatch):
+    """Two invocations on one directory: a job planned as 'to do' that the other one has
+    finished by the time it gets its turn is kept, not cleared and trained again."""
+    job = TrainJob("LinearToy", "ERM", 0, 2, 10, 5)
+    directory = jobs_module.run_dir(tmp_path, job)
+    directory.mkdir(parents=True)
+    (directory / "results.jsonl").write_text('{"step": 9}\n')
+    (directory / "done").write_text("done")
+    monkeypatch.setattr(jobs_module.subprocess, "run", lambda *a, **kw: pytest.fail("the job was started"))
+    outcome = jobs_module.run_job(tmp_path, job, threads=1, runner="subprocess")
+    assert outcome.error is None
+    assert (directory / "results.jsonl").read_text() == '{"step": 9}\n'
 
 
 def test_a_job_locked_just_after_a_state_check_is_not_cleared(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ Two ways to start the train script (``JOB_RUNNERS``): ``subprocess`` starts a ne
 per job, which pays about 10 s of imports before the first step (DomainBed's ``datasets``
 imports WILDS, which imports scikit-learn; and torch, torchvision); ``forkserver`` (the
 default where the platform has it) imports them once into a server process and forks each
-job from it, running the same script with the same arguments (``runpy``), so a job starts
+job from it, calling the same ``main`` with the same arguments, so a job starts
 in a fraction of a second.  ``benchmarks/job_start.py`` measures both.  Both run
 ``python -m domainbed_fish.run_job``, DomainBed's train script under the job lock.
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from domainbed_fish.lockfile import JobLock, holder_pid, is_locked
 from domainbed_fish.reproduction.presets import TrainJob
 from domainbed_fish.results import read_jsonl, train_error_tail
 from domainbed_fish.run_job import clear_job_dir
+from domainbed_fish.run_job import main as run_job_main
 
 JobState = Literal["done", "stale", "running", "to do"]
 JobRunner = Literal["forkserver", "subprocess"]
@@ -172,7 +172,9 @@ def _train_in_forked_child(train_args: list[str], stderr_path: str, threads: int
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
     sys.argv = [TRAIN_MODULE, *train_args]
-    runpy.run_module(TRAIN_MODULE, run_name="__main__", alter_sys=True)
+    # Called, not run with runpy: the module is preloaded, and runpy would warn about that in
+    # every job's stderr (which a failed job's report quotes).
+    sys.exit(run_job_main(train_args))
 
 
 def _forkserver_context() -> multiprocessing.context.BaseContext:
@@ -209,6 +211,8 @@ def run_job(output_dir: Path, job: TrainJob, threads: int, runner: JobRunner | N
     if not lock.acquire():
         return JobOutcome(job, 0.0, still_running(directory))
     try:
+        if (directory / "done").exists():  # another invocation finished it since the plan was made
+            return JobOutcome(job, 0.0)
         clear_job_dir(directory)
     finally:
         lock.release()

@@ -106,6 +106,10 @@ IDGM_HPARAMS: tuple[HParam, ...] = (
 # --------------------------------------------------------------------------- validation
 
 
+#: Spellings of an infinite ``idgm_penalty_bound`` that JSON can carry.
+NO_BOUND = ("inf", "Infinity")
+
+
 def _bad(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(
         f"hyperparameter {name!r} = {value!r} is invalid: allowed {allowed}. "
@@ -228,10 +232,15 @@ class IDGMConfig:
         gamma = _number(hparams, "idgm_gamma")
         if gamma < 0 or math.isinf(gamma):
             raise _bad("idgm_gamma", hparams["idgm_gamma"], "a finite idgm_gamma >= 0")
-        bound = _number(hparams, "idgm_penalty_bound")
+        # JSON has no infinity: "inf" is accepted besides Python's json extension Infinity.
+        bound_value = hparams["idgm_penalty_bound"]
+        bound_allowed = 'a number idgm_penalty_bound > 0, or "inf" for no bound'
+        try:
+            bound = math.inf if bound_value in NO_BOUND else _number(hparams, "idgm_penalty_bound")
+        except ValueError:
+            raise _bad("idgm_penalty_bound", bound_value, bound_allowed) from None
         if not bound > 0:
-            raise _bad("idgm_penalty_bound", hparams["idgm_penalty_bound"],
-                       "idgm_penalty_bound > 0 (inf for no bound)")
+            raise _bad("idgm_penalty_bound", bound_value, bound_allowed)
         lr = _number(hparams, "lr")
         if lr <= 0:
             raise _bad("lr", hparams["lr"], "lr > 0")

@@ -61,8 +61,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 warnings.warn(f"{path}:{lineno}: malformed results line skipped ({exc.msg}); a job killed "
-                              "while writing leaves one, and relaunching the sweep retrains a job without "
-                              "'done'", MalformedResultsWarning, stacklevel=2)
+                              "while writing leaves one. Such a job has no 'done': `python -m sweeps launch` "
+                              "retrains it, DomainBed's own sweep after its delete_incomplete",
+                              MalformedResultsWarning, stacklevel=2)
                 continue
             if not isinstance(record, dict) or "args" not in record or "step" not in record:
                 warnings.warn(f"{path}:{lineno}: results line without 'args' and 'step' skipped",

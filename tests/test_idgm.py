@@ -278,6 +278,13 @@ def test_runs_saved_before_the_bound_metric_existed_keep_the_euclidean_bound():
         IDGMConfig.from_hparams({k: v for k, v in hparams.items() if k != "idgm_gamma"})
 
 
+@pytest.mark.parametrize("spelling", ["inf", "Infinity", float("inf")])
+def test_no_bound_can_be_spelled_in_json(spelling):
+    assert idgm_config(idgm_penalty_bound=spelling).penalty_bound == float("inf")
+    with pytest.raises(ValueError, match='or "inf" for no bound'):
+        idgm_config(idgm_penalty_bound="infinite")
+
+
 def test_numbers_may_be_numpy_scalars_and_booleans_are_not_numbers():
     config = idgm_config(idgm_gamma=np.float32(0.25), lr=np.float64(1e-3), idgm_penalty_bound=np.int64(1))
     assert (config.gamma, config.lr, config.penalty_bound) == (0.25, 1e-3, 1.0)

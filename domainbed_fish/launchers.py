@@ -294,7 +294,14 @@ def submitit_launcher(commands: Sequence[str], **options: Any) -> list[int] | No
 
     opts = SubmititOptions.from_env(**options)
     cls = __getattr__("CheckpointableTrainCommand")
-    executor = submitit.AutoExecutor(folder=opts.folder, cluster=opts.cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=opts.folder, cluster=opts.cluster)
+    except RuntimeError as exc:  # e.g. cluster 'slurm' where sbatch/srun are not on PATH
+        raise SystemExit(
+            f"error: submitit cannot use cluster {opts.cluster!r} on this machine ({exc}); nothing was "
+            "submitted. Launch from a node where Slurm's sbatch and srun are on PATH, or run here with "
+            "--submitit_cluster local (or --command_launcher local_parallel)."
+        ) from None
     executor.update_parameters(**opts.executor_parameters())
     commands = list(commands)
     if not commands:

@@ -194,7 +194,10 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
     Raises:
         SystemExit: with a message naming the problem and the fix.
     """
-    preset = presets_module.load(args.preset) if args.preset else {}
+    try:
+        preset = presets_module.load(args.preset) if args.preset else {}
+    except ValueError as exc:
+        raise SystemExit(f"error: --preset: {exc}") from None
 
     def pick(name: str):
         value = getattr(args, name, None)

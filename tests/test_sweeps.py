@@ -135,7 +135,7 @@ def test_bad_sweep_options_say_what_to_do(domainbed, tmp_path, capsys):
                    str(tmp_path), "--single_test_envs", "--selection", "loo")
     with pytest.raises(SystemExit, match=r"unknown dataset\(s\) \['NoSuchData'\]; available: .*Debug28"):
         sweep_main(capsys, "dry_run", "--datasets", "NoSuchData", "--output_dir", str(tmp_path), "--data_dir", "x")
-    with pytest.raises(ValueError, match="unknown preset 'nope'; available presets: cpu_quick, paper_domainbed"):
+    with pytest.raises(SystemExit, match="--preset: unknown preset 'nope'; available presets: cpu_quick, paper_domainbed"):
         sweep_main(capsys, "dry_run", "--preset", "nope", "--output_dir", str(tmp_path))
     with pytest.raises(SystemExit, match="--data_dir is required"):
         sweep_main(capsys, "dry_run", "--datasets", "PACS", "--output_dir", str(tmp_path))
@@ -465,6 +465,17 @@ def test_submitit_local_executor_end_to_end(domainbed, tmp_path, capsys, monkeyp
     _, text, _ = sweep_main(capsys, "report", "--input_dir", str(out), "--selection", "training", "--no_plots")
     assert re.search(r"^\| Fish \| \d+\.\d ± 0\.0 \|", text, re.M)
     assert re.search(r"^\| ERM \| \d+\.\d ± 0\.0 \| \d+\.\d ± 0\.0 \| \+0\.0 \|", text, re.M)
+
+
+def test_submitit_on_slurm_without_slurm_says_what_to_do_and_submits_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    from domainbed_fish.launchers import submitit_launcher
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    with pytest.raises(SystemExit, match=r"cannot use cluster 'slurm' on this machine .*nothing was submitted.*"
+                                         r"--submitit_cluster local"):
+        submitit_launcher(["true"], cluster="slurm", folder=str(tmp_path / "logs"))
+    assert not any((tmp_path / "logs").glob("**/*.pkl"))
 
 
 def test_launchers_are_registered_into_domainbed(domainbed):

@@ -49,6 +49,11 @@ class Fish(_db_algorithms.Algorithm):
         self.network = nn.Sequential(self.featurizer, self.classifier)
         self.fish = FishUpdater(self.network, config)
 
+    @staticmethod
+    def validate_hparams(hparams: dict, num_domains: int) -> None:
+        """Raise ``ValueError`` naming the bad hyperparameter, before anything is built."""
+        FishConfig.from_hparams(hparams, num_domains)
+
     def update(self, minibatches: Minibatches, unlabeled: Any = None) -> dict[str, float]:
         return self.fish.step(minibatches)
 
@@ -87,6 +92,11 @@ class IDGM(_db_algorithms.Algorithm):
         self.featurizer, self.classifier = _domainbed_network(input_shape, num_classes, hparams)
         self.network = nn.Sequential(self.featurizer, self.classifier)
         self.idgm = IDGMUpdater(self.network, config)
+
+    @staticmethod
+    def validate_hparams(hparams: dict, num_domains: int) -> None:
+        """Raise ``ValueError`` naming the bad hyperparameter, before anything is built."""
+        IDGMConfig.from_hparams(hparams)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

@@ -12,6 +12,7 @@ Names DomainBed already defines (``lr``, ``weight_decay``, ``batch_size``, and
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -146,14 +147,24 @@ def _choice(hparams: Mapping[str, Any], name: str, choices: tuple[str, ...]) -> 
     return value
 
 
-def _require(hparams: Mapping[str, Any], specs: tuple[HParam, ...], extra: tuple[str, ...]):
-    missing = [n for n in (*extra, *(s.name for s in specs)) if n not in hparams]
+def _require(hparams: Mapping[str, Any], specs: tuple[HParam, ...], extra: tuple[str, ...], prefix: str) -> None:
+    """Every hyperparameter of ``specs`` and ``extra`` present, and no unknown one named
+    ``prefix…``: DomainBed passes a mistyped name through unread, so it would silently
+    train with the default."""
+    known = [s.name for s in specs]
+    missing = [n for n in (*extra, *known) if n not in hparams]
     if missing:
         raise ValueError(
             f"missing hyperparameters {missing}: build them with DomainBed's "
             "hparams_registry.default_hparams / random_hparams, which know them once "
             "domainbed_fish is installed (or domainbed_fish.register() was called)."
         )
+    for name in sorted(hparams):
+        if isinstance(name, str) and name.startswith(prefix) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown hyperparameter {name!r}: {hint}the {prefix}… ones are {known}. "
+                             "Fix it in --hparams.")
 
 
 @dataclass(frozen=True)
@@ -175,7 +186,7 @@ class FishConfig:
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any], num_domains: int) -> FishConfig:
         """Validate DomainBed-style ``hparams``; raise ``ValueError`` naming the culprit."""
-        _require(hparams, FISH_HPARAMS, ("lr", "weight_decay", "meta_lr"))
+        _require(hparams, FISH_HPARAMS, ("lr", "weight_decay", "meta_lr"), prefix="fish_")
         meta_lr = _number(hparams, "meta_lr")
         if not 0.0 < meta_lr <= 1.0:
             raise _bad("meta_lr", hparams["meta_lr"], "0 < meta_lr <= 1")
@@ -228,7 +239,7 @@ class IDGMConfig:
     def from_hparams(cls, hparams: Mapping[str, Any]) -> IDGMConfig:
         """Validate DomainBed-style ``hparams``; raise ``ValueError`` naming the culprit."""
         hparams = {**IDGM_ADDED_LATER, **hparams}
-        _require(hparams, IDGM_HPARAMS, ("lr", "weight_decay"))
+        _require(hparams, IDGM_HPARAMS, ("lr", "weight_decay"), prefix="idgm_")
         gamma = _number(hparams, "idgm_gamma")
         if gamma < 0 or math.isinf(gamma):
             raise _bad("idgm_gamma", hparams["idgm_gamma"], "a finite idgm_gamma >= 0")

@@ -305,7 +305,41 @@ def make_jobs(config: SweepConfig) -> list[SweepJob]:
             train_args["checkpoint_freq"] = config.checkpoint_freq
         job = sweep.Job(train_args, config.output_dir)
         jobs.append(SweepJob(job, job_state(Path(job.output_dir))))
+    _check_hparams(jobs)
     return jobs
+
+
+def _check_hparams(jobs: Sequence[SweepJob]) -> None:
+    """Resolve the plugin algorithms' hyperparameters of every job as DomainBed's train
+    script will, and validate them, so that a bad value stops the launch instead of failing
+    in every job."""
+    from domainbed_fish.locate import import_domainbed
+
+    algorithms = import_domainbed("algorithms")
+    datasets = import_domainbed("datasets")
+    registry = import_domainbed("hparams_registry")
+    seed_hash = import_domainbed("lib.misc").seed_hash
+    checked = set()
+    for j in jobs:
+        a = j.job.train_args
+        validate = getattr(algorithms.get_algorithm_class(a["algorithm"]), "validate_hparams", None)
+        num_domains = datasets.num_environments(a["dataset"]) - len(a["test_envs"])
+        key = (a["algorithm"], a["dataset"], a["hparams_seed"], a["trial_seed"], num_domains)
+        if validate is None or key in checked:
+            continue
+        checked.add(key)
+        if a["hparams_seed"] == 0:
+            hparams = registry.default_hparams(a["algorithm"], a["dataset"])
+        else:
+            hparams = registry.random_hparams(a["algorithm"], a["dataset"],
+                                              seed_hash(a["hparams_seed"], a["trial_seed"]))
+        if a.get("hparams"):
+            hparams.update(json.loads(a["hparams"]))
+        try:
+            validate(hparams, num_domains)
+        except ValueError as exc:
+            raise SystemExit(f"error: {a['dataset']} {a['algorithm']} hparams_seed={a['hparams_seed']} "
+                             f"trial_seed={a['trial_seed']}: {exc} Nothing was launched.") from None
 
 
 def jobs_from_manifest(output_dir: str) -> list[SweepJob]:

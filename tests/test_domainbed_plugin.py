@@ -261,7 +261,18 @@ BAD_HPARAMS = [
     ("IDGM", "idgm_penalty_anneal_iters", 2.5, r"'idgm_penalty_anneal_iters' = 2\.5 is invalid"),
     ("IDGM", "idgm_bound_metric", "adam", r"'idgm_bound_metric' = 'adam' is invalid: allowed one of 'optimizer', 'euclidean'"),
     ("IDGM", "idgm_momentum", 1.0, r"'idgm_momentum' = 1\.0 is invalid: allowed 0 <= momentum < 1"),
+    ("IDGM", "idgm_gama", 1.0, r"unknown hyperparameter 'idgm_gama': did you mean 'idgm_gamma'\? the idgm_… ones"),
+    ("Fish", "fish_warmup", 10, r"unknown hyperparameter 'fish_warmup': did you mean 'fish_warmup_steps'\?"),
 ]
+
+
+@pytest.mark.parametrize("name, other", [("Fish", "idgm_gama"), ("IDGM", "fish_warmup")])
+def test_the_other_algorithms_hyperparameters_are_left_alone(domainbed, name, other):
+    """A sweep's --hparams reaches every algorithm: each checks only its own names."""
+    from domainbed import hparams_registry
+
+    hparams = {**hparams_registry.default_hparams(name, "Debug28"), other: 1}
+    make_algorithm(domainbed, name, (3, 28, 28), 3, hparams)
 
 
 @pytest.mark.parametrize("name, key, value, message", BAD_HPARAMS)

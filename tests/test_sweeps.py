@@ -129,6 +129,41 @@ def test_a_file_free_presets_job_directories_do_not_depend_on_tmpdir(domainbed, 
 
 
 @requires_domainbed
+@pytest.mark.parametrize("command", ["dry_run", "launch"])
+def test_a_bad_hyperparameter_stops_the_sweep_before_any_job(domainbed, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    argv = [command, "--datasets", "Debug28", "--algorithms", "ERM", "IDGM", "--n_hparams", "3", "--n_trials", "1",
+            "--data_dir", str(tmp_path), "--output_dir", str(out), "--hparams", '{"idgm_gama": 0.5}',
+            "--skip_confirmation"]
+    with pytest.raises(SystemExit, match=r"^error: Debug28 IDGM hparams_seed=0 trial_seed=0: unknown hyperparameter "
+                                         r"'idgm_gama': did you mean 'idgm_gamma'\?.* Nothing was launched\.$"):
+        sweep_main(capsys, *argv)
+    assert not out.exists()
+
+
+@requires_domainbed
+def test_every_random_draw_is_validated_as_the_train_script_resolves_it(domainbed, tmp_path, monkeypatch):
+    """The train script's hyperparameters: the defaults for hparams_seed 0, else a random draw
+    seeded by (hparams_seed, trial_seed), then --hparams; each distinct one validated once."""
+    from domainbed import hparams_registry
+    from domainbed.lib import misc
+
+    from domainbed_fish import sweep
+    from domainbed_fish.algorithms import Fish
+
+    seen = []
+    monkeypatch.setattr(Fish, "validate_hparams", staticmethod(lambda hparams, n: seen.append((hparams, n))))
+    argv = ["dry_run", "--datasets", "Debug28", "--algorithms", "Fish", "ERM", "--n_hparams", "2", "--n_trials", "2",
+            "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--hparams", '{"gip_every": 5}',
+            "--selection", "training"]
+    sweep.make_jobs(sweep.resolve(sweep.build_parser().parse_args(argv)))
+    expected = [({**hparams_registry.default_hparams("Fish", "Debug28"), "gip_every": 5}, 2)] * 2 + [
+        ({**hparams_registry.random_hparams("Fish", "Debug28", misc.seed_hash(1, trial)), "gip_every": 5}, 2)
+        for trial in (0, 1)]
+    assert sorted(map(repr, seen)) == sorted(map(repr, expected))
+
+
+@requires_domainbed
 def test_bad_sweep_options_say_what_to_do(domainbed, tmp_path, capsys):
     with pytest.raises(SystemExit, match="drop --single_test_envs"):
         sweep_main(capsys, "dry_run", "--datasets", "Debug28", "--output_dir", str(tmp_path), "--data_dir",

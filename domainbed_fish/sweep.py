@@ -109,7 +109,8 @@ def _sweep_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n_hparams", type=int, help=f"hparams seeds up to this (default {d['n_hparams']})")
     parser.add_argument("--n_trials", type=int, help=f"default {d['n_trials']}")
     parser.add_argument("--output_dir", help="the sweep's directory")
-    parser.add_argument("--data_dir", help="DomainBed's data directory (default: DOMAINBED_FISH_DATA_DIR)")
+    parser.add_argument("--data_dir", help="DomainBed's data directory (default: DOMAINBED_FISH_DATA_DIR; "
+                        "not needed when every dataset is the plugin's, which generate their data)")
     parser.add_argument("--seed", type=int, help="seed of the launch order (DomainBed's option)")
     parser.add_argument("--steps", type=int, help="training steps (default: the dataset's)")
     parser.add_argument("--hparams", help="JSON dict of fixed hyperparameters (merged over a preset's)")
@@ -240,10 +241,12 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
                          "or choose --selection training,oracle")
     import os
 
+    from domainbed_fish.registry import DATASETS as GENERATED_DATASETS
+
     data_dir = args.data_dir or os.environ.get("DOMAINBED_FISH_DATA_DIR")
     if data_dir is None:
-        if "data_dir" in preset and preset["data_dir"] is None:
-            # The preset's datasets read no files; a fixed value keeps the hashed job
+        if ("data_dir" in preset and preset["data_dir"] is None) or set(datasets) <= set(GENERATED_DATASETS):
+            # The datasets read no files; a fixed value keeps the hashed job
             # directories the same on every machine and under every TMPDIR.
             data_dir = NO_DATA_DIR
         else:

@@ -174,6 +174,12 @@ def test_bad_sweep_options_say_what_to_do(domainbed, tmp_path, capsys):
         sweep_main(capsys, "dry_run", "--preset", "nope", "--output_dir", str(tmp_path))
     with pytest.raises(SystemExit, match="--data_dir is required"):
         sweep_main(capsys, "dry_run", "--datasets", "PACS", "--output_dir", str(tmp_path))
+    with pytest.raises(SystemExit, match="--data_dir is required"):
+        sweep_main(capsys, "dry_run", "--datasets", "LinearToy", "PACS", "--output_dir", str(tmp_path))
+    # The plugin's datasets generate their data: no --data_dir needed.
+    status, out, _ = sweep_main(capsys, "dry_run", "--datasets", "LinearToy", "CdSprites5", "--algorithms", "ERM",
+                                "--n_hparams", "1", "--n_trials", "1", "--output_dir", str(tmp_path / "g"))
+    assert status == 0 and "--data_dir unused-generated-datasets" in out
     # a separate process: the command line's own error path
     proc = run_sweep("status", "--output_dir", str(tmp_path / "none"))
     assert proc.returncode != 0 and "has no sweep_manifest.json; give the sweep's options" in proc.stderr

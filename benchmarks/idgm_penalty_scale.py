@@ -5,7 +5,7 @@
 
 IDGM steps along Ḡ − γ_t∇Ĝ with γ_t = min(γ, ρ‖Ḡ‖_W/‖∇Ĝ‖_W) (``idgm.bounded_gamma``; W is
 Adam's per-coordinate scaling under the default ``idgm_bound_metric = optimizer``).  Fish
-with an inner step α follows the same objective with γ_Fish = α(S − 1)/4 (PAPER.md §2,
+with an inner step α follows the same objective with γ_Fish = α(S − 1)/4 (the paper's
 Theorem 3.1).  Every ``--every`` steps this prints, at the weights before the step and on
 the step's own minibatches:
 

@@ -322,7 +322,7 @@ LINEAR_TOY_HPARAMS: tuple[HParam, ...] = (
 )
 
 #: Settings of the plugin's algorithms that differ on the linear toy: the paper's
-#: quick check (PAPER.md §3) uses inner SGD with a random domain order.
+#: linear example (Figures 1 and 2) uses inner SGD with a random domain order.
 LINEAR_TOY_ALGORITHM_HPARAMS: dict[str, tuple[HParam, ...]] = {
     "Fish": (
         HParam("fish_inner_optimizer", "sgd", _fixed("sgd"), "inner SGD, as in the paper's toy"),

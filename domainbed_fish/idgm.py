@@ -60,7 +60,8 @@ def _global_norm(tensors: Sequence[Tensor], metric: Sequence[Tensor] | None = No
 def bounded_gamma(gamma: float, bound: float, mean_grad_norm: Tensor, gip_grad_norm: Tensor) -> Tensor:
     """γ_t = min(γ, ρ‖Ḡ‖/‖∇Ĝ‖): the largest weight ≤ γ whose penalty gradient is ≤ ρ‖Ḡ‖.
 
-    L_erm − γĜ is unbounded below (Ĝ grows with the gradients, PAPER.md §1), and an
+    L_erm − γĜ is unbounded below (Ĝ grows with the gradients; README, "IDGM that does not
+    run away"), and an
     adaptive optimizer follows even a tiny penalty gradient once the cross-entropy
     is near zero.  Keeping ‖γ_t∇Ĝ‖ ≤ ρ‖Ḡ‖ with ρ < 1 makes every step a descent
     direction of L_erm (Ḡ·(Ḡ − γ_t∇Ĝ) ≥ (1 − ρ)‖Ḡ‖² > 0): the penalty steers among
@@ -146,7 +147,7 @@ def metric_gip(grads: Sequence[Sequence[Tensor]], weights: Sequence[Tensor]) -> 
     With W = 1/(√v̂ + eps), the scaling of Adam's next step (:func:`domainbed_fish.optim.step_metric`),
     this is the alignment Fish with an inner Adam rewards.  Expanding Fish's outer step
     to second order in the inner step α, as for the paper's Theorem 3.1 (Shi et al.,
-    ICLR 2022; PAPER.md §2) but with the inner step −αW g, the domains in a uniformly
+    ICLR 2022) but with the inner step −αW g, the domains in a uniformly
     random order, W constant over the S inner steps and no momentum
     (checked in ``tests/test_idgm.py``):
     E[θ̃ − θ] = −αSW ∇(L_erm − γ Ĝ_W) + O(α³) with γ = α(S − 1)/4.  Differentiable in

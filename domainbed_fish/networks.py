@@ -101,7 +101,7 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
     """``Linear(in_features, out_features)`` with weights and bias at zero.
 
     The linear toy needs it: the held-out domain's own input coordinate never
-    occurs in training, so its weight keeps its initial value (PAPER.md §3).
+    occurs in training, so its weight keeps its initial value.
     """
     layer = nn.Linear(int(in_features), out_features)
     nn.init.zeros_(layer.weight)

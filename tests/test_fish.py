@@ -101,7 +101,7 @@ def _mean_displacement(alpha: float, net: nn.Module, batches) -> torch.Tensor:
 
 
 def test_theorem_3_1_fish_follows_idgm_to_second_order():
-    """E[θ − θ̃] = αSḠ − (α²S(S−1)/4)∇Ĝ + O(α³) (PAPER.md section 2)."""
+    """E[θ − θ̃] = αSḠ − (α²S(S−1)/4)∇Ĝ + O(α³) (the paper's Theorem 3.1)."""
     net, batches = tiny_net(), domain_minibatches(num_domains=3)
     num_domains = len(batches)
     params = list(net.parameters())

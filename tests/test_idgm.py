@@ -314,7 +314,7 @@ def test_idgm_momentum_is_the_optimizers_momentum(optimizer):
 
 
 def test_bound_keeps_adam_from_diverging_where_fixed_gamma_does():
-    """PAPER.md §1: with Adam, fixed γ runs away (Ĝ and the cross-entropy explode);
+    """With Adam, fixed γ runs away (Ĝ and the cross-entropy explode);
     the bounded penalty keeps training on the ERM loss."""
     def train(bound):
         net, batches = tiny_net(seed=1), domain_minibatches(num_domains=3, seed=2)

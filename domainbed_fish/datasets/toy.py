@@ -1,4 +1,5 @@
-"""The linear toy example of Shi et al. (ICLR 2022, Figures 1 and 2), as reconstructed in PAPER.md §3.
+"""The linear toy example of Shi et al. (ICLR 2022, Figures 1 and 2), reconstructed from the caption
+of Figure 2 (README, "Datasets").
 
 Inputs are 4-dimensional: coordinate 0 is shared by all domains, coordinate ``d``
 (1, 2 or 3) belongs to domain ``d``.  Every domain holds three kinds of input:

@@ -189,7 +189,8 @@ def to_markdown(input_dir: str, tables: list[Table], selected: list[Selected], m
     out = [f"# Sweep report: {input_dir}", "",
            f"{n_runs} finished runs, {n_records} records. Accuracy (%) on the held-out environment, "
            "mean ± standard error over trials (DomainBed's: std/√n); Avg = mean over the held-out "
-           f"environments per trial; Δ {BASELINE} = Avg − {BASELINE}'s Avg (points).", ""]
+           "environments per trial, over the trials every environment has; "
+           f"Δ {BASELINE} = Avg − {BASELINE}'s Avg (points).", ""]
     for dataset in dict.fromkeys(t.dataset for t in tables):
         out += [f"## {dataset}", ""]
         for t in (t for t in tables if t.dataset == dataset):
@@ -399,6 +400,17 @@ def find_missing(input_dir: Path, tables: list[Table], runs) -> list[str]:
                     "--selection loo)") if t.selection == "loo" else ""
             missing.append(f"{t.dataset}, {_SHORT_TITLES[t.selection]}: no result for "
                            + ", ".join(empty) + hint)
+        # The Avg column averages per trial, over the trials every environment has (so that
+        # its standard error is over trials); say which trials a cell lacks, or Avg and Δ would
+        # silently rest on fewer trials than the cells beside them.
+        for a in t.algorithms:
+            trials = set().union(*(c.trials for c in t.cells[a].values()))
+            short = [f"{t.env_names[i]} lacks trial {sorted(trials - set(t.cells[a][e].trials))}"
+                     for i, e in enumerate(t.env_ids)
+                     if not t.cells[a][e].empty and set(t.cells[a][e].trials) != trials]
+            if short:
+                missing.append(f"{t.dataset}, {_SHORT_TITLES[t.selection]}, {a}: " + "; ".join(short)
+                               + f"; its Avg is over trials {sorted(t.avg[a].trials)} only")
         if BASELINE not in t.algorithms:
             missing.append(f"{t.dataset}: no {BASELINE} runs, so no Δ {BASELINE}")
     return missing

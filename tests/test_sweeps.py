@@ -336,6 +336,60 @@ def test_report_survives_a_truncated_line_that_breaks_domainbed(domainbed, tmp_p
     assert [r["step"] for r in records] == [0]
 
 
+def _write_runs(sweep: Path, runs: dict[str, list[dict]]) -> None:
+    for name, records in runs.items():
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (sweep / name / "done").write_text("done")
+
+
+@requires_domainbed
+def test_each_selection_method_picks_its_own_run_and_checkpoint(domainbed, tmp_path):
+    """Records built so that the three methods disagree, each expected value read off by hand:
+    training-domain validation takes the best mean of the training domains' out-splits
+    (hparams 0, step 0), the oracle the best last checkpoint on the test domain's out-split
+    (hparams 1, step 1), leave-one-domain-out the best mean of the held-out-pair accuracies
+    (hparams 1, step 0)."""
+    from domainbed_fish.report import write_report
+
+    def single(h, step, test_in, test_out, train_out):  # test env 0; env k: (in, out)
+        return _record("Debug28", "ERM", [0], step, [(test_in, test_out), (0.5, train_out), (0.5, train_out)], hseed=h)
+
+    def pair(h, step, other, val_in):  # holds out 0 and `other`; LOO reads env{other}_in_acc
+        accs = [(0.5, 0.5)] * 3
+        accs[other] = (val_in, 0.5)
+        return _record("Debug28", "ERM", [0, other], step, accs, hseed=h)
+
+    loo_val = {(1, 0): 0.95}  # every other (hparams, step): 0.1
+    runs = {
+        "h0": [single(0, 0, 0.10, 0.90, 0.90), single(0, 1, 0.20, 0.30, 0.50)],
+        "h1": [single(1, 0, 0.30, 0.10, 0.40), single(1, 1, 0.40, 0.80, 0.40)],
+        **{f"h{h}pair{o}": [pair(h, step, o, loo_val.get((h, step), 0.1)) for step in (0, 1)]
+           for h in (0, 1) for o in (1, 2)},
+    }
+    _write_runs(tmp_path / "sweep", runs)
+    result = write_report(tmp_path / "sweep", plots=False, progress=False)
+    chosen = {t.selection: t.cells["ERM"][0].trials for t in result.tables}
+    assert chosen == {"training": {0: 0.10}, "oracle": {0: 0.40}, "loo": {0: 0.30}}
+    picked = {s.selection: (s.hparams_seed, s.val_acc) for s in result.selected if s.test_env == 0}
+    assert picked == {"training": (0, 0.90), "oracle": (1, 0.80), "loo": (1, 0.95)}
+
+
+@requires_domainbed
+def test_a_cell_short_of_trials_is_listed_with_the_trials_its_avg_rests_on(domainbed, tmp_path):
+    from domainbed_fish.report import write_report
+
+    accs = {0: [(0.2, 0.2), (0.5, 0.5), (0.5, 0.5)], 1: [(0.5, 0.5), (0.6, 0.6), (0.5, 0.5)]}
+    runs = {f"env{e}trial{t}": [_record("Debug28", "ERM", [e], 0, accs[e], trial=t)]
+            for e, t in [(0, 0), (0, 1), (1, 0)]}  # trial 1 holding out env 1 never ran
+    _write_runs(tmp_path / "sweep", runs)
+    result = write_report(tmp_path / "sweep", selection=["oracle"], plots=False, progress=False)
+    (table,) = result.tables
+    assert table.avg["ERM"].trials == {0: pytest.approx((0.2 + 0.6) / 2)}
+    assert result.missing == [
+        "Debug28, test-domain validation (oracle), ERM: 1 lacks trial [1]; its Avg is over trials [0] only"]
+
+
 @requires_domainbed
 def test_domainbed_collect_results_survives_a_killed_jobs_truncated_line(tmp_path):
     sweep = tmp_path / "sweep"

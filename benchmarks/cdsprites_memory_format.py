@@ -39,7 +39,9 @@ def build(algorithm: str, domains: int, batch: int, layout: torch.memory_format)
         hparams["fish_warmup_steps"] = 0  # time Fish's own step, not its 50 ERM warm-up steps
     torch.manual_seed(0)
     model = algorithms.get_algorithm_class(algorithm)((3, 64, 64), 2, domains, hparams)
-    for module in model.modules():
+    # Fish's inner copy, where its inner steps run, is not a submodule: convert it too.
+    inner = getattr(getattr(model, "fish", None), "inner_network", None)
+    for module in [*model.modules(), *(inner.modules() if inner is not None else ())]:
         if isinstance(module, CdSpritesCNN):
             module.MEMORY_FORMAT = layout  # read by forward()
             module.to(memory_format=layout)  # keeps the Parameter objects the optimizers hold

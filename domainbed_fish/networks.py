@@ -31,7 +31,8 @@ class CdSpritesCNN(nn.Module):
     Weights and activations are kept channels-last (NHWC, :attr:`MEMORY_FORMAT`): on
     a CPU oneDNN's convolutions in that layout take ERM's step (one batch of every
     domain's images) on CdSprites-15 and -30 about a third less time than in NCHW, and
-    Fish's step (one small batch at a time) the same (``benchmarks/cdsprites_memory_format.py``).
+    Fish's step (one small batch at a time) about a sixth less
+    (``benchmarks/cdsprites_memory_format.py``).
     The function is the same; only floating-point rounding differs.  The fifth
     convolution's kernel covers its whole 4×4 input, so it runs as the matrix product it
     is (:class:`WholeInputConv2d`).

@@ -55,6 +55,23 @@ def test_memory_format_benchmark_runs_fish_from_its_first_update() -> None:
 
 
 @requires_domainbed
+@pytest.mark.parametrize("algorithm", ["ERM", "Fish", "IDGM"])
+def test_memory_format_benchmark_puts_every_network_the_step_runs_in_its_layout(algorithm) -> None:
+    """Fish's inner steps run on its inner copy, which is not a submodule."""
+    from domainbed_fish.networks import CdSpritesCNN
+
+    memory_format = load_benchmark("cdsprites_memory_format")
+    for layout in memory_format.LAYOUTS.values():
+        model = memory_format.build(algorithm, 3, 4, layout)
+        inner = getattr(getattr(model, "fish", None), "inner_network", torch.nn.Identity())
+        cnns = [m for m in (*model.modules(), *inner.modules()) if isinstance(m, CdSpritesCNN)]
+        assert len(cnns) == (2 if algorithm == "Fish" else 1)
+        for cnn in cnns:
+            assert cnn.MEMORY_FORMAT == layout
+            assert all(p.is_contiguous(memory_format=layout) for p in cnn.parameters() if p.dim() == 4)
+
+
+@requires_domainbed
 def test_step_time_subset_leaves_the_whole_grid_table_alone(tmp_path: Path) -> None:
     grid_table = tmp_path / "step_time_cpu.md"
     grid_table.write_text("the whole grid\n")

@@ -85,6 +85,27 @@ def _colour_accuracy(env) -> float:
     return correct / len(env)
 
 
+def test_environments_hold_disjoint_sprites(monkeypatch):
+    """No sprite of the grid is in two environments.  Masks cannot show it (a square turned by
+    90° is the same mask), so the rasteriser is replaced by one that writes each sprite's
+    latents into its mask."""
+    from domainbed_fish.datasets import cdsprites
+
+    def latents_as_masks(latents):
+        fields = np.stack([latents.shape, latents.scale, latents.orientation, latents.pos_x, latents.pos_y], 1)
+        masks = torch.zeros((len(latents), 64, 64), dtype=torch.uint8)
+        masks[:, 0, :5] = torch.as_tensor(fields, dtype=torch.uint8)
+        return masks
+
+    monkeypatch.setattr(cdsprites, "rasterise", latents_as_masks)
+    envs = cdsprites.build_cdsprites.__wrapped__(5, 300, seed=3)
+    sprites = [{tuple(m[0, :5].tolist()) for m in env.masks} for env in envs]
+    assert [len(s) for s in sprites] == [300] * 6  # no sprite twice within an environment either
+    assert len(set().union(*sprites)) == 6 * 300
+    for env, found in zip(envs, sprites, strict=True):
+        assert sorted(shape for shape, *_ in found) == sorted(env.labels.tolist())  # the label is the shape
+
+
 def test_colour_predicts_the_label_in_training_domains_only(cdsprites5):
     palettes = []
     for env in cdsprites5[:-1]:

@@ -583,16 +583,17 @@ def test_launchers_are_registered_into_domainbed(domainbed):
 
 
 def test_local_parallel_uses_this_interpreter_and_splits_threads(tmp_path, monkeypatch):
+    import domainbed_fish.launchers as launchers
     from domainbed_fish.launchers import local_parallel
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(launchers.os, "cpu_count", lambda: 8)  # 2 workers on 8 cores: 4 threads each
     script = "import os, sys; print(sys.executable, os.environ['OMP_NUM_THREADS'])"
     cmds = [f"python -c {json.dumps(script)} > {tmp_path / str(i)}" for i in range(3)] + ["exit 3"]
     statuses = local_parallel(cmds, workers=2, progress=False)
     assert statuses == [0, 0, 0, 3]
-    threads = str(max(1, (os.cpu_count() or 1) // 2))
     for i in range(3):
-        assert (tmp_path / str(i)).read_text().split() == [sys.executable, threads]
+        assert (tmp_path / str(i)).read_text().split() == [sys.executable, "4"]
 
 
 def test_local_parallel_shows_a_failed_train_commands_error_from_its_err_txt(tmp_path, capsys, monkeypatch):

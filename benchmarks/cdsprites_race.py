@@ -113,6 +113,24 @@ def grid_jobs(grid: list[dict[str, Any]]) -> list[tuple[str, TrainJob]]:
     return jobs
 
 
+def job_key(label: str, job: TrainJob) -> tuple:
+    """What makes a summary line a result of this job of this setting: a setting edited under
+    the same label (other steps or hyperparameters) runs its jobs again."""
+    return label, job.algorithm, job.test_env, job.seed, job.steps, json.dumps(job.hparams, sort_keys=True)
+
+
+def line_key(line: dict[str, Any]) -> tuple:
+    """:func:`job_key` of the job a summary line came from."""
+    return (line["label"], line["algorithm"], line["n"], line["seed"], line["steps"],
+            json.dumps(line["hparams"], sort_keys=True))
+
+
+def current_lines(lines: list[dict[str, Any]], grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The summary lines of the grid's jobs as the grid defines them now."""
+    keys = {job_key(label, job) for label, job in grid_jobs(grid)}
+    return [line for line in lines if line_key(line) in keys]
+
+
 def job_summary(label: str, job: TrainJob, runs_dir: Path, diverged: str | None = None) -> dict[str, Any]:
     """One line of the summary: what a job selected and ended at, or, if it diverged, the error
     and its curve up to the last checkpoint it wrote."""
@@ -177,9 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     grid = load_grid(args.grid, {label for label in args.only.split(",") if label} or None)
     lines = [json.loads(line) for line in args.summary.read_text().splitlines()] if args.summary.exists() else []
+    outdated = len([line for line in lines if line["label"] in {s["label"] for s in grid}]) - len(
+        current_lines(lines, grid))
+    if outdated:
+        print(f"{outdated} lines of {args.summary} come from an earlier version of their setting (other steps "
+              "or hyperparameters under the same label); they are kept in the file and left out here", flush=True)
     if not args.table_only:
-        done = {(line["label"], line["seed"]) for line in lines}
-        pending = [(label, job) for label, job in grid_jobs(grid) if (label, job.seed) not in done]
+        done = {line_key(line) for line in lines}
+        pending = [(label, job) for label, job in grid_jobs(grid) if job_key(label, job) not in done]
         labels = {job.name: label for label, job in pending}
         print(f"{len(pending)} jobs to run, {args.workers} at a time", flush=True)
         start = time.perf_counter()
@@ -200,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({outcome.seconds:.0f} s)", flush=True)
 
         run_jobs(args.runs_dir, [job for _, job in pending], args.workers, progress=record, runner=args.runner)
-    print(table(lines, grid))
+    print(table(current_lines(lines, grid), grid))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,16 @@ def test_race_runs_through_domainbeds_train_script_and_resumes(tmp_path: Path) -
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.startswith("0 jobs to run"), again.stdout
     assert len((tmp_path / "race.jsonl").read_text().splitlines()) == 2
+    # a setting edited under its label runs again; its old line stays in the file, out of the table
+    settings = json.loads(grid.read_text())
+    settings[0]["steps"] = 7
+    grid.write_text(json.dumps(settings))
+    edited = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert edited.returncode == 0, edited.stderr
+    assert edited.stdout.startswith("1 lines of") and "\n1 jobs to run" in edited.stdout, edited.stdout
+    lines = [json.loads(line) for line in (tmp_path / "race.jsonl").read_text().splitlines()]
+    assert sorted((line["label"], line["steps"]) for line in lines) == [("erm", 6), ("fish", 6), ("fish", 7)]
+    assert re.search(r"^\| fish \| 1 \|", edited.stdout, re.M), edited.stdout
 
 
 @requires_domainbed

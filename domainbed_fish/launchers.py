@@ -8,7 +8,8 @@ and are registered into ``domainbed.command_launchers.REGISTRY``, so
 
 Environment variables (an option given to the plugin's ``sweep`` wins):
 
-- ``DOMAINBED_FISH_WORKERS``: CPU workers of ``local_parallel`` (default: one per core).
+- ``DOMAINBED_FISH_WORKERS``: jobs at a time of ``local_parallel``: CPU workers (default: one
+  per core), or on a machine with GPUs the number of GPUs used (default: all visible).
 - ``DOMAINBED_FISH_SLURM_PARTITION``, ``_TIME`` (minutes), ``_GPUS`` (per job), ``_CPUS``
   (per job), ``_MEM_GB``, ``_ARRAY_PARALLELISM`` (jobs of the array running at once),
   ``_ACCOUNT``, ``_QOS``, ``_CONSTRAINT``, ``_MAX_REQUEUE`` (times a preempted or timed-out
@@ -49,7 +50,7 @@ def visible_gpus() -> list[str]:
     """GPU ids to spread jobs over: ``CUDA_VISIBLE_DEVICES`` if set, else all CUDA devices."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
-        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
     try:
         import torch
     except ImportError:
@@ -321,7 +322,7 @@ def submitit_launcher(commands: Sequence[str], **options: Any) -> list[int] | No
                         job.result()
                     except Exception as exc:  # the job's own error, reported and counted
                         statuses[index] = 1
-                        print(f"submitit job {job.job_id} failed: {str(exc).strip().splitlines()[-1:]}",
+                        print(f"submitit job {job.job_id} failed: {(str(exc).strip().splitlines() or [repr(exc)])[-1]}",
                               file=sys.stderr)
                     del remaining[index]
                     bar.update(1)

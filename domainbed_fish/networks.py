@@ -72,7 +72,8 @@ class WholeInputConv2d(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.kernel_size or self.padding != (0, 0) or self.groups != 1:
+        if (x.dim() != 4 or tuple(x.shape[-2:]) != self.kernel_size or self.padding != (0, 0)
+                or self.groups != 1 or self.dilation != (1, 1)):
             return super().forward(x)
         flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
         weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)

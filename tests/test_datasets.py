@@ -215,10 +215,13 @@ def test_dataset_sizes_must_be_whole_numbers(domainbed, name, size_hparam):
     hparams = hparams_registry.default_hparams("ERM", name)
     whole = {size_hparam: 24.0} if name == "LinearToy" else {size_hparam: np.int64(6), "cdsprites_data_seed": 1.0}
     assert [len(env) for env in cls("", [0], {**hparams, **whole})] == [int(whole[size_hparam])] * len(cls.ENVIRONMENTS)
-    for bad in (10.5, "20", True):
-        with pytest.raises(ValueError, match=f"{name}: the hyperparameter {size_hparam} must be a whole number, "
-                                             f"got {bad!r}; set it as one"):
+    for bad in (10.5, "20", True, -4):
+        with pytest.raises(ValueError, match=f"{name}: the hyperparameter {size_hparam} must be a whole number "
+                                             f">= 0, got {bad!r}; set it as one"):
             cls("", [0], {**hparams, size_hparam: bad})
+    if name == "CdSprites5":  # a negative data seed: our message, not NumPy's
+        with pytest.raises(ValueError, match="the hyperparameter cdsprites_data_seed must be a whole number >= 0"):
+            cls("", [0], {**hparams, "cdsprites_data_seed": -1})
 
 
 @pytest.mark.parametrize(("dataset", "featurizer"), [("CdSprites5", "CdSpritesCNN"), ("Debug28", "MNIST_CNN")])

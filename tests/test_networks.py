@@ -100,3 +100,6 @@ def test_whole_input_convolution_is_the_convolution(memory_format):
     larger = torch.randn(2, 128, 6, 6)  # 2×2 output positions: Conv2d's path
     torch.testing.assert_close(conv(larger), F.conv2d(larger, conv.weight, conv.bias, stride=2), rtol=1e-5, atol=1e-6)
     assert list(conv.state_dict()) == ["weight", "bias"]
+    dilated = WholeInputConv2d(8, 4, kernel_size=4, dilation=2)  # a 4×4 input is too small for its 7×7 reach
+    with pytest.raises(RuntimeError, match="Kernel size"):
+        dilated(torch.randn(1, 8, 4, 4))

@@ -731,3 +731,12 @@ def test_sweep_without_domainbed_says_how_to_get_it(tmp_path):
     if proc.returncode == 0:
         pytest.skip("DomainBed is importable without DOMAINBED_DIR here")
     assert proc.stderr.startswith("error: DomainBed was not found.") and "DOMAINBED_DIR" in proc.stderr
+
+
+def test_visible_gpus_reads_cuda_visible_devices_as_written(monkeypatch):
+    from domainbed_fish.launchers import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0, 1,,-1")
+    assert visible_gpus() == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []

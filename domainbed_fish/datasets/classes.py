@@ -25,13 +25,15 @@ def _default(specs, name: str) -> Any:
 
 
 def _whole_number(dataset: str, hparams: dict, specs, name: str) -> int:
-    """The integer hyperparameter ``name``; a float is accepted only when it is whole, so that
-    ``2000.0`` works and ``10.5`` or ``"a"`` are refused instead of truncated or unexplained."""
+    """The non-negative integer hyperparameter ``name``; a float is accepted only when it is
+    whole, so that ``2000.0`` works and ``10.5``, ``-1`` or ``"a"`` are refused instead of
+    truncated or unexplained."""
     value = hparams.get(name, _default(specs, name))
     if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers are Integral
-        raise ValueError(f"{dataset}: the hyperparameter {name} must be a whole number, got {value!r}; "
+    # numpy integers are Integral
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{dataset}: the hyperparameter {name} must be a whole number >= 0, got {value!r}; "
                          f"set it as one, e.g. --hparams '{{\"{name}\": {_default(specs, name)}}}'")
     return int(value)
 

@@ -308,14 +308,18 @@ def make_jobs(config: SweepConfig) -> list[SweepJob]:
             train_args["checkpoint_freq"] = config.checkpoint_freq
         job = sweep.Job(train_args, config.output_dir)
         jobs.append(SweepJob(job, job_state(Path(job.output_dir))))
-    _check_hparams(jobs)
     return jobs
 
 
-def _check_hparams(jobs: Sequence[SweepJob]) -> None:
+def check_hparams(jobs: Sequence[SweepJob]) -> None:
     """Resolve the plugin algorithms' hyperparameters of every job as DomainBed's train
-    script will, and validate them, so that a bad value stops the launch instead of failing
-    in every job."""
+    script will, and validate them, so that a bad value stops a launch (or a dry run)
+    instead of failing in every job.  ``status`` and ``delete_incomplete`` do not check:
+    they must work on a sweep whatever it was launched with.
+
+    Raises:
+        SystemExit: naming the job and the hyperparameter.
+    """
     from domainbed_fish.locate import import_domainbed
 
     algorithms = import_domainbed("algorithms")
@@ -428,6 +432,7 @@ def launch(config: SweepConfig, args: argparse.Namespace, argv: list[str] | None
     from domainbed_fish.manifest import write_manifest
 
     jobs = make_jobs(config)
+    check_hparams(jobs)
     print(summary(jobs))
     to_run = [j for j in jobs if j.state in (NOT_LAUNCHED, INCOMPLETE)]
     n_incomplete = sum(j.state == INCOMPLETE for j in to_run)
@@ -461,6 +466,7 @@ def launch(config: SweepConfig, args: argparse.Namespace, argv: list[str] | None
 def dry_run(config: SweepConfig) -> int:
     """List the jobs (state and command) and count them."""
     jobs = make_jobs(config)
+    check_hparams(jobs)
     for j in jobs:
         print(j.describe())
         print(f"              {j.command}")

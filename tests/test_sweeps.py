@@ -139,6 +139,9 @@ def test_a_bad_hyperparameter_stops_the_sweep_before_any_job(domainbed, tmp_path
                                          r"'idgm_gama': did you mean 'idgm_gamma'\?.* Nothing was launched\.$"):
         sweep_main(capsys, *argv)
     assert not out.exists()
+    # status and delete_incomplete work on a sweep whatever it was launched with
+    status, text, _ = sweep_main(capsys, "status", *argv[1:-1])
+    assert status == 0 and "not launched" in text
 
 
 @requires_domainbed
@@ -156,7 +159,7 @@ def test_every_random_draw_is_validated_as_the_train_script_resolves_it(domainbe
     argv = ["dry_run", "--datasets", "Debug28", "--algorithms", "Fish", "ERM", "--n_hparams", "2", "--n_trials", "2",
             "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--hparams", '{"gip_every": 5}',
             "--selection", "training"]
-    sweep.make_jobs(sweep.resolve(sweep.build_parser().parse_args(argv)))
+    sweep.check_hparams(sweep.make_jobs(sweep.resolve(sweep.build_parser().parse_args(argv))))
     expected = [({**hparams_registry.default_hparams("Fish", "Debug28"), "gip_every": 5}, 2)] * 2 + [
         ({**hparams_registry.random_hparams("Fish", "Debug28", misc.seed_hash(1, trial)), "gip_every": 5}, 2)
         for trial in (0, 1)]

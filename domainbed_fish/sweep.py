@@ -22,6 +22,7 @@ model-selection methods need, per-job locks (``run_job``), relaunching interrupt
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import shutil
 import sys
@@ -347,6 +348,35 @@ def check_hparams(jobs: Sequence[SweepJob]) -> None:
         except ValueError as exc:
             raise SystemExit(f"error: {a['dataset']} {a['algorithm']} hparams_seed={a['hparams_seed']} "
                              f"trial_seed={a['trial_seed']}: {exc} Nothing was launched.") from None
+    _refuse_unknown_names(jobs, registry)  # after the algorithms' own checks, whose messages are more specific
+
+
+def _refuse_unknown_names(jobs: Sequence[SweepJob], registry: Any) -> None:
+    """Refuse a fixed hyperparameter that no job's algorithm and dataset has.
+
+    DomainBed's train script merges ``--hparams`` over the registry's and never reads a
+    name it does not know, so a typo (``lrr``) would train every job at the default.  A
+    name known to only some of the sweep's algorithms (``meta_lr`` with ``ERM`` beside
+    ``Fish``) is fine: DomainBed passes one ``--hparams`` to every job.
+    """
+    given = {name for j in jobs if j.job.train_args.get("hparams") for name in json.loads(j.job.train_args["hparams"])}
+    if not given:
+        return
+    pairs = sorted({(j.job.train_args["algorithm"], j.job.train_args["dataset"]) for j in jobs})
+    known = sorted(set().union(*(registry.default_hparams(algorithm, dataset) for algorithm, dataset in pairs)))
+    unknown = sorted(given - set(known))
+    if unknown:
+        close = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        hints = [f"did you mean {close[n][0]!r} for {n!r}?" for n in unknown if close[n]]
+        if len(hints) < len(unknown):
+            hints.append(f"the names are {known}.")
+        algorithms = ", ".join(sorted({a for a, _ in pairs}))
+        datasets = ", ".join(sorted({d for _, d in pairs}))
+        one = len(unknown) == 1
+        verb = "is not a hyperparameter" if one else "are not hyperparameters"
+        raise SystemExit(f"error: --hparams: {', '.join(map(repr, unknown))} {verb} "
+                         f"of {algorithms} on {datasets}, and DomainBed's train script would ignore "
+                         f"{'it' if one else 'them'}: {' '.join(hints)} Nothing was launched.")
 
 
 def jobs_from_manifest(output_dir: str) -> list[SweepJob]:

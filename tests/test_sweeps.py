@@ -145,6 +145,23 @@ def test_a_bad_hyperparameter_stops_the_sweep_before_any_job(domainbed, tmp_path
 
 
 @requires_domainbed
+def test_a_name_no_algorithm_of_the_sweep_has_stops_the_sweep(domainbed, tmp_path, capsys):
+    """DomainBed's train script ignores a fixed hyperparameter it does not know, so a typo
+    would train every job at the default; a name only some of the algorithms have is fine."""
+    out = tmp_path / "out"
+    argv = ["dry_run", "--datasets", "Debug28", "--algorithms", "ERM", "Fish", "--n_hparams", "1", "--n_trials", "1",
+            "--data_dir", str(tmp_path), "--output_dir", str(out)]
+    with pytest.raises(SystemExit, match=r"^error: --hparams: 'lrr', 'zzz' are not hyperparameters of ERM, Fish on "
+                                         r"Debug28, and DomainBed's train script would ignore them: did you mean "
+                                         r"'lr' for 'lrr'\? the names are \[.*'meta_lr'.*\]\. Nothing was launched\.$"):
+        sweep_main(capsys, *argv, "--hparams", '{"lrr": 0.1, "meta_lr": 0.2, "zzz": 1}')
+    with pytest.raises(SystemExit, match=r"^error: --hparams: 'idgm_gamma' is not a hyperparameter of ERM, Fish"):
+        sweep_main(capsys, *argv, "--hparams", '{"idgm_gamma": 0.5}')
+    status, text, _ = sweep_main(capsys, *argv, "--hparams", '{"meta_lr": 0.2}')  # Fish's only: fine
+    assert status == 0 and "Would launch 12 jobs." in text
+
+
+@requires_domainbed
 def test_every_random_draw_is_validated_as_the_train_script_resolves_it(domainbed, tmp_path, monkeypatch):
     """The train script's hyperparameters: the defaults for hparams_seed 0, else a random draw
     seeded by (hparams_seed, trial_seed), then --hparams; each distinct one validated once."""

@@ -139,6 +139,55 @@ def test_finished_jobs_are_skipped_and_interrupted_ones_restarted(tmp_path, monk
     assert len(calls) == 1 and calls[0][:3] == [PYTHON, "-m", "domainbed_fish.run_job"]  # train under the lock
 
 
+def test_steps_recorded_reads_the_last_complete_checkpoint_line(tmp_path):
+    job = TrainJob("CdSprites5", "ERM", 0, 5, 251, 50)
+    assert jobs_module.steps_recorded(tmp_path, job) == 0  # not started
+    path = jobs_module.run_dir(tmp_path, job) / "results.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"step": 0}\n')
+    assert jobs_module.steps_recorded(tmp_path, job) == 1
+    path.write_text('{"step": 0}\n{"step": 50}\n{"step": 100, "env0_in_a')  # the third line being written
+    assert jobs_module.steps_recorded(tmp_path, job) == 51
+    path.write_text('{"step": 0}\n{"step": 250}\n')
+    assert jobs_module.steps_recorded(tmp_path, job) == 251
+    path.write_text('{"step": 300}\n')  # never more than the job's steps
+    assert jobs_module.steps_recorded(tmp_path, job) == 251
+    path.write_text("[1, 2]\nnot json\n")
+    assert jobs_module.steps_recorded(tmp_path, job) == 0
+
+
+def test_estimated_progress_counts_finished_jobs_whole_and_running_ones_by_their_checkpoints(tmp_path):
+    finished, running, queued = (TrainJob("CdSprites5", algorithm, 0, 5, 201, 50) for algorithm in ("ERM", "Fish", "IDGM"))
+    path = jobs_module.run_dir(tmp_path, running) / "results.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"step": 0}\n{"step": 50}\n')
+    done = reproduction_main.estimated_progress(tmp_path, [finished, running, queued], {finished.name})
+    assert done == pytest.approx(finished.cost + running.cost * 51 / 201)
+
+
+def test_the_progress_bar_moves_while_a_long_job_runs(domainbed, tmp_path, monkeypatch, capsys):
+    """Between two job ends the bar redraws on its own and follows the running jobs'
+    checkpoints, so an hour-long job does not look like a hang."""
+    monkeypatch.setattr(reproduction_main, "PROGRESS_REFRESH_SECONDS", 0.02)
+    monkeypatch.setattr(reproduction_main, "write_report", lambda *args, **kwargs: None)
+    jobs = get_preset("quick").jobs()
+    total = sum(job.cost for job in jobs)
+    running = max(jobs, key=lambda job: job.cost)
+
+    def fake_run_jobs(output_dir, jobs, workers, progress, runner):
+        path = jobs_module.run_dir(output_dir, running) / "results.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text(f'{{"step": {running.steps // 2 - 1}}}\n')  # half its steps checkpointed
+        time.sleep(0.5)
+        return []
+
+    monkeypatch.setattr(reproduction_main, "run_jobs", fake_run_jobs)
+    assert reproduction_main.main(["--quick", "--output_dir", str(tmp_path)]) == 0
+    shown = capsys.readouterr().err
+    expected = 100 * running.cost / 2 / total
+    assert f"0/{len(jobs)} jobs: {expected:3.0f}%|" in shown, shown[-500:]
+
+
 def test_a_run_made_under_other_defaults_is_set_aside_and_run_again(domainbed, tmp_path, monkeypatch):
     """The job key hashes what the preset passes; a changed registry default must not let
     an old run through: it is moved to stale/ (kept) and the job runs again."""

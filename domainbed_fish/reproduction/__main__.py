@@ -6,6 +6,7 @@ import argparse
 import os
 import platform
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,9 +22,21 @@ from domainbed_fish.reproduction.jobs import (
     job_state,
     run_jobs,
     stale_differences,
+    steps_recorded,
 )
-from domainbed_fish.reproduction.presets import PRESETS, get_preset
+from domainbed_fish.reproduction.presets import PRESETS, TrainJob, get_preset
 from domainbed_fish.reproduction.report import REPORT_FILES, write_report
+
+#: Seconds between two redraws of the progress bar while jobs run: a CdSprites-30 IDGM job
+#: trains for a quarter of an hour, and a bar that moved only when a job ended would look hung.
+PROGRESS_REFRESH_SECONDS = 10.0
+
+
+def estimated_progress(output_dir: Path, jobs: list[TrainJob], finished: set[str]) -> float:
+    """Estimated compute done, in the units of ``TrainJob.cost``: the whole cost of each job
+    in ``finished``, and of each other job the share of its steps its checkpoints record."""
+    return sum(job.cost if job.name in finished else job.cost * steps_recorded(output_dir, job) / job.steps
+               for job in jobs)
 
 
 def cpu_model() -> str:
@@ -118,25 +131,45 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         # The bar advances by each job's estimated compute, not by job count: the jobs differ
         # a hundredfold (the toy's first), so a count would make the remaining time meaningless.
-        finished = done
+        # Between two job ends it follows the running jobs' checkpoints.
+        finished = {job.name for job in jobs if states[job.name] == "done"}
 
         def description() -> str:
-            return f"reproduction ({preset.name}), {finished}/{len(jobs)} jobs"
+            return f"reproduction ({preset.name}), {len(finished)}/{len(jobs)} jobs"
 
         with tqdm(total=sum(job.cost for job in jobs),
-                  initial=sum(job.cost for job in jobs if states[job.name] == "done"), desc=description(),
+                  initial=sum(job.cost for job in jobs if job.name in finished), desc=description(),
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]") as bar:
+            redraw_lock = threading.Lock()
+            stop_redrawing = threading.Event()
+
+            def redraw() -> None:
+                with redraw_lock:
+                    # never backwards: a job cleared to run again drops its old checkpoints
+                    bar.n = max(bar.n, estimated_progress(output_dir, jobs, finished))
+                    bar.set_description_str(description(), refresh=False)
+                    bar.refresh()
+
+            def redraw_periodically() -> None:
+                while not stop_redrawing.wait(PROGRESS_REFRESH_SECONDS):
+                    redraw()
+
             def progress(outcome: JobOutcome) -> None:
-                nonlocal finished
-                finished += 1
-                bar.set_description_str(description(), refresh=False)
-                bar.update(outcome.job.cost)
-                state = "failed" if outcome.error else "done"
-                bar.write(f"{state}: {outcome.job.name} ({outcome.seconds:.0f} s)")
+                with redraw_lock:
+                    finished.add(outcome.job.name)
+                    state = "failed" if outcome.error else "done"
+                    bar.write(f"{state}: {outcome.job.name} ({outcome.seconds:.0f} s)")
+                redraw()
                 if outcome.error:
                     failures.append(outcome)
 
-            run_jobs(output_dir, jobs, args.workers, progress, args.job_runner)
+            redrawer = threading.Thread(target=redraw_periodically, name="progress-bar", daemon=True)
+            redrawer.start()
+            try:
+                run_jobs(output_dir, jobs, args.workers, progress, args.job_runner)
+            finally:
+                stop_redrawing.set()
+                redrawer.join()
     elapsed = time.perf_counter() - start
 
     header = [

@@ -83,6 +83,26 @@ def is_done(output_dir: Path, job: TrainJob) -> bool:
     return (run_dir(output_dir, job) / "done").exists()
 
 
+def steps_recorded(output_dir: Path, job: TrainJob) -> int:
+    """Training steps ``job`` has checkpointed so far: one past the ``step`` of the last
+    complete line of its ``results.jsonl`` (DomainBed writes one per checkpoint, the first
+    at step 0), at most ``job.steps``; 0 before the first checkpoint.
+
+    Read while the job writes, so a line without its newline yet is skipped, quietly."""
+    try:
+        text = (run_dir(output_dir, job) / "results.jsonl").read_bytes()
+    except OSError:
+        return 0
+    for line in reversed(text.split(b"\n")[:-1]):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            return max(0, min(record["step"] + 1, job.steps))
+    return 0
+
+
 def expected_hparams(job: TrainJob) -> dict[str, Any]:
     """The hyperparameters DomainBed's train script resolves for ``job`` today (as JSON)."""
     registry = import_domainbed("hparams_registry")

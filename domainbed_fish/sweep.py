@@ -332,7 +332,9 @@ def check_hparams(jobs: Sequence[SweepJob]) -> None:
         a = j.job.train_args
         validate = getattr(algorithms.get_algorithm_class(a["algorithm"]), "validate_hparams", None)
         num_domains = datasets.num_environments(a["dataset"]) - len(a["test_envs"])
-        key = (a["algorithm"], a["dataset"], a["hparams_seed"], a["trial_seed"], num_domains)
+        # the defaults (hparams_seed 0) do not depend on the trial seed
+        trial = a["trial_seed"] if a["hparams_seed"] else None
+        key = (a["algorithm"], a["dataset"], a["hparams_seed"], trial, num_domains)
         if validate is None or key in checked:
             continue
         checked.add(key)

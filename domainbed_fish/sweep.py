@@ -370,17 +370,16 @@ def _refuse_unknown_names(jobs: Sequence[SweepJob], registry: Any, algorithms: A
     algorithm, dataset = pairs[0]
     # The registry's names are an algorithm's plus a dataset's, so every algorithm on one
     # dataset and one algorithm on every dataset name them all (0.2 s, not 3 s for all pairs).
-    known = set().union(*(registry.default_hparams(a, dataset) for a in algorithms.ALGORITHMS),
-                        *(registry.default_hparams(algorithm, d) for d in datasets.DATASETS),
-                        *(registry.default_hparams(a, d) for a, d in pairs))
+    in_sweep = set().union(*(registry.default_hparams(a, d) for a, d in pairs))
+    known = in_sweep.union(*(registry.default_hparams(a, dataset) for a in algorithms.ALGORITHMS),
+                           *(registry.default_hparams(algorithm, d) for d in datasets.DATASETS))
     unknown = sorted(given - known)
     if unknown:
         close = {name: difflib.get_close_matches(name, sorted(known), n=1) for name in unknown}
         hints = [f"did you mean {close[n][0]!r} for {n!r}?" for n in unknown if close[n]]
         if len(hints) < len(unknown):
             hints.append(f"the names of {', '.join(sorted({a for a, _ in pairs}))} on "
-                         f"{', '.join(sorted({d for _, d in pairs}))} are "
-                         f"{sorted(set().union(*(registry.default_hparams(a, d) for a, d in pairs)))}.")
+                         f"{', '.join(sorted({d for _, d in pairs}))} are {sorted(in_sweep)}.")
         one = len(unknown) == 1
         verb = "is not a hyperparameter" if one else "are not hyperparameters"
         raise SystemExit(f"error: --hparams: {', '.join(map(repr, unknown))} {verb} of any registered "

@@ -264,8 +264,14 @@ class FishUpdater:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (the network is loaded by its owner)."""
+        """Resume from :meth:`state_dict` (the network is loaded by its owner).
+
+        The optimizers get copies: torch's ``load_state_dict`` keeps tensors already on the
+        right device, so a state dict loaded in memory would share its moments with its source.
+        """
+        state = copy.deepcopy(state)
         self.num_updates = int(state["num_updates"])
         self.inner_optimizer.load_state_dict(state["inner_optimizer"])
         self.warmup_optimizer.load_state_dict(state["warmup_optimizer"])
-        self.generator.set_state(state["generator"])
+        # A checkpoint loaded with map_location to an accelerator moves the generator's state too.
+        self.generator.set_state(state["generator"].cpu())

@@ -16,6 +16,7 @@ second derivatives that PyTorch's CPU kernels run faster
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -258,6 +259,7 @@ class IDGMUpdater:
         return {"num_updates": self.num_updates, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (the network is loaded by its owner)."""
+        """Resume from :meth:`state_dict` (the network is loaded by its owner); the optimizer
+        gets a copy, so that a state dict loaded in memory shares no moments with its source."""
         self.num_updates = int(state["num_updates"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))

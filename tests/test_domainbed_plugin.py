@@ -6,6 +6,7 @@ Every test here needs DomainBed (DOMAINBED_DIR) and is skipped with a reason wit
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 
@@ -15,6 +16,7 @@ from conftest import DEVICES, PYTHON, requires_domainbed, roundtrip, subprocess_
 
 from domainbed_fish import registry
 from domainbed_fish.errors import BatchLargerThanSplitError, UnknownNameError
+from domainbed_fish.fish import domain_schedule
 from domainbed_fish.locate import import_domainbed
 
 pytestmark = requires_domainbed
@@ -315,6 +317,48 @@ def test_state_dict_is_a_complete_checkpoint(domainbed, name):
         b.update(minibatches)
     assert _max_difference(a, b) == 0.0
 
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_a_state_dict_loaded_in_memory_shares_nothing_with_its_source(domainbed, name):
+    """``b.load_state_dict(a.state_dict())`` without a file: training ``b`` must not move
+    ``a``'s optimizer moments (torch keeps tensors already on the right device)."""
+    from domainbed import hparams_registry
+
+    hparams = {**hparams_registry.default_hparams(name, "Debug28"), "idgm_penalty_anneal_iters": 0,
+               "fish_warmup_steps": 1}
+    input_shape, batches = debug28_minibatches(domainbed, hparams, steps=5)
+    a = make_algorithm(domainbed, name, input_shape, 3, hparams)
+    for minibatches in batches[:3]:
+        a.update(minibatches)
+    through_a_file = make_algorithm(domainbed, name, input_shape, 3, hparams, seed=2)
+    through_a_file.load_state_dict(roundtrip(a.state_dict()))
+    b = make_algorithm(domainbed, name, input_shape, 3, hparams, seed=1)
+    b.load_state_dict(a.state_dict())
+    for minibatches in batches[3:]:
+        b.update(minibatches)  # b first: with shared moments a's next steps would differ
+    for minibatches in batches[3:]:
+        a.update(minibatches)
+        through_a_file.update(minibatches)
+    assert _max_difference(a, through_a_file) == 0.0
+    assert _max_difference(b, through_a_file) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fish_resumes_its_domain_order_from_a_checkpoint_mapped_to_a_device(domainbed, device):
+    """``torch.load(map_location=device)`` moves the domain-order generator's byte state with
+    everything else; torch's generators take their state only as a CPU tensor."""
+    from domainbed import hparams_registry
+
+    hparams = {**hparams_registry.default_hparams("Fish", "Debug28"), "fish_random_order": True}
+    a = make_algorithm(domainbed, "Fish", (3, 28, 28), 3, hparams)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, map_location=device, weights_only=True)
+    b = make_algorithm(domainbed, "Fish", (3, 28, 28), 3, hparams, seed=1)
+    b.to(device).load_state_dict(state)
+    orders = [[domain_schedule(3, None, True, f.fish.generator) for _ in range(5)] for f in (a, b)]
+    assert orders[0] == orders[1]
 
 @pytest.mark.parametrize("name", ALGORITHM_NAMES)
 def test_a_checkpoint_loaded_before_a_move_moves_with_the_model(domainbed, name):

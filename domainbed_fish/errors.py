@@ -8,8 +8,9 @@ from pathlib import Path
 class NonFiniteLossError(FloatingPointError):
     """A loss (or the gradient inner product) became NaN or infinite.
 
-    Raised before the model's weights are changed, so the algorithm can be saved,
-    inspected or resumed with a smaller learning rate.
+    Raised before the model is changed (its weights, and its BatchNorm running statistics,
+    which the step's forward passes had updated, are as before the step), so the algorithm
+    can be saved, inspected or resumed with a smaller learning rate.
     """
 
     def __init__(self, algorithm: str, step: int, domain: int | None, value: float, what: str = "loss"):
@@ -20,7 +21,7 @@ class NonFiniteLossError(FloatingPointError):
         where = f"training domain {domain} (position in the minibatch list)" if domain is not None else "the step"
         super().__init__(
             f"{algorithm}: non-finite {what} ({value}) at update step {step} on {where}. "
-            "The weights were not updated. Lower the learning rate (lr, meta_lr) or the "
+            "The model was not changed. Lower the learning rate (lr, meta_lr) or the "
             "penalty weight, or check that domain's data for NaN/inf values."
         )
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from domainbed_fish.buffers import buffers_restored_on_error
 from domainbed_fish.errors import NonFiniteLossError
 from domainbed_fish.gradients import Minibatches, gradient_inner_product, require_minibatches
 from domainbed_fish.hparams import FishConfig
@@ -185,9 +186,10 @@ class FishUpdater:
     def _erm_step(self, minibatches: Minibatches) -> dict[str, float]:
         x = torch.cat([x for x, _ in minibatches])
         y = torch.cat([y for _, y in minibatches])
-        loss = F.cross_entropy(self.network(x), y)
-        value = loss.item()
-        self._check_finite([value])
+        with buffers_restored_on_error(self.network, NonFiniteLossError):
+            loss = F.cross_entropy(self.network(x), y)
+            value = loss.item()
+            self._check_finite([value])
         self.warmup_optimizer.zero_grad()
         loss.backward()
         self.warmup_optimizer.step()

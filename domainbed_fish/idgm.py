@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from domainbed_fish.buffers import buffers_restored_on_error
 from domainbed_fish.errors import NonFiniteLossError
 from domainbed_fish.gradients import (
     Minibatches,
@@ -223,17 +224,18 @@ class IDGMUpdater:
         gamma = self.penalty_weight
         params = [p for p in self.network.parameters() if p.requires_grad]
 
-        # ∇Ĝ differentiates every layer's backward pass; graphs built here get explicit
-        # second derivatives for batch norm, convolutions and ReLU (same values).
-        with cheap_double_backward():
-            losses = per_domain_losses(self.network, minibatches)
-        self._check_finite(torch.stack([loss.detach() for loss in losses]), "loss")
-        # The bound is measured in the metric of the step the optimizer will take.
-        in_step_metric = functools.partial(step_metric, self.optimizer, params)
-        metric = in_step_metric if c.bound_metric == "optimizer" else None
-        gip_metric = in_step_metric if c.gip_metric == "optimizer" else None
-        result = idgm_gradient(losses, params, gamma, c.penalty_bound, metric, gip_metric)
-        self._check_finite(result.objective.reshape(1), "objective L_erm − γĜ")
+        with buffers_restored_on_error(self.network, NonFiniteLossError):
+            # ∇Ĝ differentiates every layer's backward pass; graphs built here get explicit
+            # second derivatives for batch norm, convolutions and ReLU (same values).
+            with cheap_double_backward():
+                losses = per_domain_losses(self.network, minibatches)
+            self._check_finite(torch.stack([loss.detach() for loss in losses]), "loss")
+            # The bound is measured in the metric of the step the optimizer will take.
+            in_step_metric = functools.partial(step_metric, self.optimizer, params)
+            metric = in_step_metric if c.bound_metric == "optimizer" else None
+            gip_metric = in_step_metric if c.gip_metric == "optimizer" else None
+            result = idgm_gradient(losses, params, gamma, c.penalty_bound, metric, gip_metric)
+            self._check_finite(result.objective.reshape(1), "objective L_erm − γĜ")
 
         for p, g in zip(params, result.grads, strict=True):
             p.grad = g

@@ -281,6 +281,26 @@ def test_non_finite_loss_names_step_and_domain_and_keeps_weights():
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+@pytest.mark.parametrize("warmup", [0, 5], ids=["fish-step", "warm-up-step"])
+def test_a_non_finite_step_leaves_batchnorm_statistics_as_they_were(warmup):
+    """The warm-up step's forward pass runs on θ itself, so BatchNorm's running statistics
+    would take the NaN before the loss is checked; they are put back."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    batches = domain_minibatches()
+    updater = FishUpdater(net, fish_config(fish_warmup_steps=warmup))
+    updater.step(batches)
+    before = copy.deepcopy(net.state_dict())
+    bad = list(batches)
+    bad[1] = (bad[1][0].clone(), bad[1][1])
+    bad[1][0][0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError):
+        updater.step(bad)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.isfinite(net.eval()(batches[0][0])).all()
+
+
 def test_checkpoint_resumes_identically():
     batches = domain_minibatches(num_domains=4)
     config = fish_config(fish_random_order=True, meta_steps=3, num_domains=4)

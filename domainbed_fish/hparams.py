@@ -147,10 +147,17 @@ def _choice(hparams: Mapping[str, Any], name: str, choices: tuple[str, ...]) -> 
     return value
 
 
+#: How close (difflib's ratio) an unknown name must be to one of an algorithm's own names
+#: without its prefix (``meta_steps``) to be refused as a typo of it.
+LOOKALIKE_CUTOFF = 0.8
+
+
 def _require(hparams: Mapping[str, Any], specs: tuple[HParam, ...], extra: tuple[str, ...], prefix: str) -> None:
     """Every hyperparameter of ``specs`` and ``extra`` present, and no unknown one named
-    ``prefix…``: DomainBed passes a mistyped name through unread, so it would silently
-    train with the default."""
+    ``prefix…`` or spelled nearly as one of ``specs``' names without the prefix
+    (``meta_step``, ``gip_evry``): DomainBed passes a mistyped name through unread, so it
+    would silently train with the default.  Other unknown names are let through: one ``--hparams`` string
+    is often shared by a sweep's algorithms."""
     known = [s.name for s in specs]
     missing = [n for n in (*extra, *known) if n not in hparams]
     if missing:
@@ -164,6 +171,14 @@ def _require(hparams: Mapping[str, Any], specs: tuple[HParam, ...], extra: tuple
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"unknown hyperparameter {name!r}: {hint}the {prefix}… ones are {known}. "
+                             "Fix it in --hparams.")
+    unprefixed = [n for n in known if not n.startswith(prefix)]
+    for name in sorted(n for n in hparams if isinstance(n, str) and n not in known and n not in extra):
+        # No registered name of any algorithm or dataset is this close to one of these
+        # (tests/test_domainbed_plugin.py checks), so a match is a typo.
+        close = difflib.get_close_matches(name, unprefixed, n=1, cutoff=LOOKALIKE_CUTOFF)
+        if close:
+            raise ValueError(f"unknown hyperparameter {name!r}: did you mean {close[0]!r}? "
                              "Fix it in --hparams.")
 
 
@@ -198,11 +213,11 @@ class FishConfig:
                            f"1 <= meta_steps <= {num_domains} (the number of training "
                            "domains), or null for all of them")
         lr = _number(hparams, "lr")
-        if lr <= 0:
-            raise _bad("lr", hparams["lr"], "lr > 0")
+        if not 0 < lr < math.inf:
+            raise _bad("lr", hparams["lr"], "a finite lr > 0")
         weight_decay = _number(hparams, "weight_decay")
-        if weight_decay < 0:
-            raise _bad("weight_decay", hparams["weight_decay"], "weight_decay >= 0")
+        if not 0 <= weight_decay < math.inf:
+            raise _bad("weight_decay", hparams["weight_decay"], "a finite weight_decay >= 0")
         momentum = _number(hparams, "fish_inner_momentum")
         if not 0.0 <= momentum < 1.0:
             raise _bad("fish_inner_momentum", hparams["fish_inner_momentum"], "0 <= momentum < 1")
@@ -253,11 +268,11 @@ class IDGMConfig:
         if not bound > 0:
             raise _bad("idgm_penalty_bound", bound_value, bound_allowed)
         lr = _number(hparams, "lr")
-        if lr <= 0:
-            raise _bad("lr", hparams["lr"], "lr > 0")
+        if not 0 < lr < math.inf:
+            raise _bad("lr", hparams["lr"], "a finite lr > 0")
         weight_decay = _number(hparams, "weight_decay")
-        if weight_decay < 0:
-            raise _bad("weight_decay", hparams["weight_decay"], "weight_decay >= 0")
+        if not 0 <= weight_decay < math.inf:
+            raise _bad("weight_decay", hparams["weight_decay"], "a finite weight_decay >= 0")
         momentum = _number(hparams, "idgm_momentum")
         if not 0.0 <= momentum < 1.0:
             raise _bad("idgm_momentum", hparams["idgm_momentum"], "0 <= momentum < 1")

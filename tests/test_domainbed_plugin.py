@@ -265,6 +265,12 @@ BAD_HPARAMS = [
     ("IDGM", "idgm_momentum", 1.0, r"'idgm_momentum' = 1\.0 is invalid: allowed 0 <= momentum < 1"),
     ("IDGM", "idgm_gama", 1.0, r"unknown hyperparameter 'idgm_gama': did you mean 'idgm_gamma'\? the idgm_… ones"),
     ("Fish", "fish_warmup", 10, r"unknown hyperparameter 'fish_warmup': did you mean 'fish_warmup_steps'\?"),
+    ("Fish", "meta_step", 3, r"unknown hyperparameter 'meta_step': did you mean 'meta_steps'\?"),
+    ("Fish", "gip_evry", 5, r"unknown hyperparameter 'gip_evry': did you mean 'gip_every'\?"),
+    ("Fish", "lr", float("inf"), r"'lr' = inf is invalid: allowed a finite lr > 0"),
+    ("IDGM", "lr", float("inf"), r"'lr' = inf is invalid: allowed a finite lr > 0"),
+    ("Fish", "weight_decay", float("inf"), r"'weight_decay' = inf is invalid: allowed a finite weight_decay >= 0"),
+    ("IDGM", "weight_decay", float("inf"), r"'weight_decay' = inf is invalid: allowed a finite weight_decay >= 0"),
 ]
 
 
@@ -275,6 +281,22 @@ def test_the_other_algorithms_hyperparameters_are_left_alone(domainbed, name, ot
 
     hparams = {**hparams_registry.default_hparams(name, "Debug28"), other: 1}
     make_algorithm(domainbed, name, (3, 28, 28), 3, hparams)
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_every_registered_hyperparameter_name_is_left_alone(domainbed, name):
+    """The typo check refuses names close to the plugin's own; no name any registered
+    algorithm or dataset uses may be taken for one (a shared --hparams string)."""
+    from domainbed import algorithms, datasets, hparams_registry
+
+    everything = {}
+    for algorithm in algorithms.ALGORITHMS:
+        everything.update(hparams_registry.default_hparams(algorithm, "Debug28"))
+    for dataset in datasets.DATASETS:
+        everything.update(hparams_registry.default_hparams("ERM", dataset))
+    assert {"meta_lr", "mldg_beta", "irm_penalty_anneal_iters", "weight_decay_d", "resnet18"} <= set(everything)
+    everything["linear_model"] = False  # LinearToy's network takes flat inputs
+    make_algorithm(domainbed, name, (3, 28, 28), 3, {**everything, **hparams_registry.default_hparams(name, "Debug28")})
 
 
 @pytest.mark.parametrize("name, key, value, message", BAD_HPARAMS)

@@ -224,6 +224,18 @@ def test_dataset_sizes_must_be_whole_numbers(domainbed, name, size_hparam):
             cls("", [0], {**hparams, "cdsprites_data_seed": -1})
 
 
+@pytest.mark.parametrize(("name", "typo", "meant"), [("CdSprites5", "cdsprites_per_domian", "cdsprites_per_domain"),
+                                                     ("CdSprites5", "cdsprites_seed", "cdsprites_data_seed"),
+                                                     ("LinearToy", "toy_per_domian", "toy_per_domain")])
+def test_a_mistyped_dataset_hyperparameter_is_refused(domainbed, name, typo, meant):
+    """DomainBed's train script would pass it through unread and build the default size."""
+    from domainbed import datasets, hparams_registry
+
+    hparams = {**hparams_registry.default_hparams("ERM", name), typo: 6}
+    with pytest.raises(ValueError, match=rf"^{name}: unknown hyperparameter '{typo}': did you mean '{meant}'\? "):
+        datasets.get_dataset_class(name)("", [0], hparams)
+
+
 @pytest.mark.parametrize(("dataset", "featurizer"), [("CdSprites5", "CdSpritesCNN"), ("Debug28", "MNIST_CNN")])
 def test_every_algorithm_gets_the_cdsprites_network_for_64px_inputs(domainbed, dataset, featurizer):
     from domainbed import algorithms, hparams_registry

@@ -9,6 +9,7 @@ Data are generated in memory, so no loader workers are needed.
 
 from __future__ import annotations
 
+import difflib
 import numbers
 from typing import Any, ClassVar
 
@@ -38,6 +39,17 @@ def _whole_number(dataset: str, hparams: dict, specs, name: str) -> int:
     return int(value)
 
 
+def _refuse_unknown(dataset: str, hparams: dict, specs, prefix: str) -> None:
+    """No unknown hyperparameter named ``prefix…``: DomainBed's train script would pass a
+    mistyped ``cdsprites_per_domian`` through unread and build the default size."""
+    known = [spec.name for spec in specs if spec.name.startswith(prefix)]
+    for name in sorted(n for n in hparams if isinstance(n, str) and n.startswith(prefix) and n not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{dataset}: unknown hyperparameter {name!r}: {hint}the {prefix}… ones are {known}. "
+                         "Fix it in --hparams.")
+
+
 class CdSprites(_datasets.MultipleDomainDataset):
     """CdSprites-N: N spurious training domains, then the decorrelated environment.
 
@@ -56,6 +68,7 @@ class CdSprites(_datasets.MultipleDomainDataset):
 
     def __init__(self, root: str | None, test_envs: list[int], hparams: dict):
         super().__init__()
+        _refuse_unknown(type(self).__name__, hparams, CDSPRITES_HPARAMS, "cdsprites_")
         self.datasets = list(
             build_cdsprites(
                 self.NUM_DOMAINS,
@@ -106,6 +119,7 @@ class LinearToy(_datasets.MultipleDomainDataset):
 
     def __init__(self, root: str | None, test_envs: list[int], hparams: dict):
         super().__init__()
+        _refuse_unknown(type(self).__name__, hparams, LINEAR_TOY_HPARAMS, "toy_")
         size = _whole_number(type(self).__name__, hparams, LINEAR_TOY_HPARAMS, "toy_per_domain")
         self.datasets = [toy_domain(c, size) for c in (*TRAINING_COORDINATES, HELDOUT_COORDINATE)]
         self.input_shape = self.INPUT_SHAPE

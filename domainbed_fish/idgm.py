@@ -139,7 +139,7 @@ def idgm_gradient(
             )
             torch._foreach_add_(mean_grad, torch._foreach_mul(gip_grads, -gamma_t))
     else:
-        gamma_t = gip.new_tensor(gamma)
+        gamma_t = gip.new_tensor(gamma if num_domains > 1 else 0.0)  # one domain: no pair, no penalty
     return IDGMGradient(grads=mean_grad, nll=nll, gip=gip, gamma=gamma_t, objective=nll - gamma_t * gip)
 
 

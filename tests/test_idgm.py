@@ -374,5 +374,6 @@ def test_single_training_domain_reduces_to_erm():
     result = idgm_gradient(per_domain_losses(net, batches), params, GAMMA)
     erm = torch.autograd.grad(per_domain_losses(net, batches)[0], params)
     assert result.gip.item() == 0.0
+    assert result.gamma.item() == 0.0  # reported as penalty_weight: no penalty was applied
     for a, b in zip(result.grads, erm):
         torch.testing.assert_close(a, b)

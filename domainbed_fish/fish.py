@@ -177,6 +177,10 @@ class FishUpdater:
         if self.num_updates < c.warmup_steps:
             stats = self._erm_step(minibatches)
         else:
+            if self.warmup_optimizer.state:
+                # The warm-up's moments (twice the weights) are never read again: free them,
+                # in memory and in every later checkpoint (an older checkpoint's too).
+                reset_optimizer_state(self.warmup_optimizer)
             stats = self._fish_step(minibatches, order)
         if gip is not None:
             stats["gip"] = gip

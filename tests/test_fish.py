@@ -223,7 +223,10 @@ def test_warmup_steps_are_plain_erm_then_fish(inner, erm_optimizer):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert not updater.inner_optimizer.state  # the inner loop has not run yet
     assert ["gip" in s for s in warmup_stats] == [True, False, True]
+    assert updater.warmup_optimizer.state  # the warm-up's moments, in use
     fish_stats = [updater.step(batches) for _ in range(2)]
+    assert not updater.warmup_optimizer.state  # freed once Fish takes over
+    assert not updater.state_dict()["warmup_optimizer"]["state"]
     assert ["gip" in s for s in fish_stats] == [False, True]  # steps 3 and 4: one grid for both phases
     inner_state = list(updater.inner_optimizer.state.values())
     if inner == "sgd":

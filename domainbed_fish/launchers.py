@@ -46,6 +46,25 @@ def with_this_interpreter(command: str, executable: str | None = None) -> str:
     return command
 
 
+#: DomainBed's train command, as its sweep writes it, and the same job under the job lock.
+_DOMAINBED_TRAIN = " -m domainbed.scripts.train "
+_UNDER_LOCK = " -m domainbed_fish.run_job "
+
+
+def under_job_lock(command: str) -> str:
+    """DomainBed's ``python -m domainbed.scripts.train ...`` as ``python -m domainbed_fish.run_job ...``.
+
+    When DomainBed's own ``sweep`` uses these launchers, its jobs then take the job lock like
+    the plugin's: ``status`` sees them running, ``delete_incomplete`` and a relaunch leave
+    them alone, and a requeued Slurm job starts from a cleared directory instead of appending
+    to an interrupted run's ``results.jsonl``.  Same arguments, same files.
+    """
+    head, sep, tail = command.partition(_DOMAINBED_TRAIN)
+    if sep and head.split()[-1:] and head.split()[-1].split("/")[-1].startswith("python"):
+        return head + _UNDER_LOCK + tail
+    return command
+
+
 def visible_gpus() -> list[str]:
     """GPU ids to spread jobs over: ``CUDA_VISIBLE_DEVICES`` if set, else all CUDA devices."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -133,7 +152,7 @@ def local_parallel(
     """
     if verbose is None:
         verbose = os.environ.get("DOMAINBED_FISH_VERBOSE", "0") == "1"
-    commands = [with_this_interpreter(c) for c in commands]
+    commands = [with_this_interpreter(under_job_lock(c)) for c in commands]
     gpus = visible_gpus()
     workers = workers or _env_int("DOMAINBED_FISH_WORKERS")
     if workers is not None and workers < 1:
@@ -262,7 +281,7 @@ class TrainCommand:
     def __call__(self, command: str) -> int:
         env = dict(os.environ)
         env.update(job_environment(env))  # glibc keeps freed memory (allocator.py)
-        status = subprocess.call(with_this_interpreter(command), shell=True, env=env)
+        status = subprocess.call(with_this_interpreter(under_job_lock(command)), shell=True, env=env)
         if status != 0:
             raise RuntimeError(f"command failed with exit status {status}: {command}")
         return status

@@ -8,6 +8,11 @@ without ``done`` and without a live lock is an interrupted run.
 ``flock`` works on local disks and on NFSv4 (where Linux emulates it with POSIX locks);
 on other network file systems check that locks are shared between machines before
 running two sweeps on one directory from different hosts.
+
+DomainBed's own launchers (``local``, ``multi_gpu``) run its train script without the lock.
+:func:`is_training` recognises such a job on this machine too, from the processes' command
+lines (Linux's ``/proc``), so that ``status``, ``delete_incomplete`` and a relaunch do not
+take it for an interrupted run.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import errno
 import fcntl
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 #: Name of the lock file inside a job's output directory.
@@ -112,3 +118,75 @@ def holder_pid(job_dir: str | os.PathLike) -> int | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return int(text) if text.isdigit() else None
+
+
+def train_output_dir(argv: Sequence[str]) -> str | None:
+    """The ``--output_dir`` of a command line running DomainBed's train script, else ``None``."""
+    runs_train = any(a == "domainbed.scripts.train" and i > 0 and argv[i - 1] == "-m" for i, a in enumerate(argv)) \
+        or any(a.endswith("domainbed/scripts/train.py") for a in argv)
+    if not runs_train:
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--output_dir" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--output_dir="):
+            return arg.split("=", 1)[1]
+    return "train_output"  # train.py's default
+
+
+def _train_processes() -> dict[str, int]:
+    """``{real path of the job directory: pid}`` of the train processes of this machine."""
+    found: dict[str, int] = {}
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:  # no /proc: not Linux
+        return found
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            output_dir = train_output_dir(argv)
+            if output_dir is None:
+                continue
+            if not os.path.isabs(output_dir):
+                output_dir = os.path.join(os.readlink(f"/proc/{pid}/cwd"), output_dir)
+        except OSError:  # ended meanwhile, or another user's (its directory is not ours to clear)
+            continue
+        found[os.path.realpath(output_dir)] = pid
+    return found
+
+
+class TrainProcesses:
+    """The DomainBed train processes of this machine, scanned once, when first asked:
+    a status over many jobs reads ``/proc`` once, not once a job."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, int] | None = None
+
+    def pid_for(self, job_dir: str | os.PathLike) -> int | None:
+        """The pid of the train process whose ``--output_dir`` is ``job_dir``, if any."""
+        if self._found is None:
+            self._found = _train_processes()
+        return self._found.get(os.path.realpath(job_dir))
+
+
+def unlocked_trainer_pid(job_dir: str | os.PathLike, processes: TrainProcesses | None = None) -> int | None:
+    """The pid of a process on this machine running DomainBed's train script on ``job_dir``
+    without the job lock (DomainBed's own launchers), if there is one.
+
+    ``processes``: a scan to reuse (for many jobs at once); by default this machine is scanned now.
+    """
+    return (processes or TrainProcesses()).pid_for(job_dir)
+
+
+def is_training(job_dir: str | os.PathLike, processes: TrainProcesses | None = None) -> bool:
+    """Whether a live process trains ``job_dir``: one holding its lock (the plugin's jobs),
+    or DomainBed's own train script without it on this machine."""
+    return is_locked(job_dir) or unlocked_trainer_pid(job_dir, processes) is not None
+
+
+def trainer_pid(job_dir: str | os.PathLike) -> int | None:
+    """The pid of the process training ``job_dir``: the lock's holder, else an unlocked one."""
+    if is_locked(job_dir):
+        return holder_pid(job_dir)
+    return unlocked_trainer_pid(job_dir)

@@ -368,15 +368,16 @@ def plot_gip(path: Path, records) -> Path | None:
 
 def find_missing(input_dir: Path, tables: list[Table], runs) -> list[str]:
     """Unfinished jobs (from the manifest when there is one) and empty table cells."""
+    from domainbed_fish.lockfile import TrainProcesses
     from domainbed_fish.manifest import read_manifest
     from domainbed_fish.sweep import DONE, job_state
 
     missing = []
     manifest = read_manifest(input_dir)
     if manifest is not None:
-        pending = defaultdict(list)
+        pending, processes = defaultdict(list), TrainProcesses()
         for name, a in manifest["jobs"].items():
-            state = job_state(input_dir / name)
+            state = job_state(input_dir / name, processes)
             if state != DONE:
                 pending[state].append(f"{a['dataset']} {a['algorithm']} test_envs={a['test_envs']} "
                                       f"hparams_seed={a['hparams_seed']} trial={a['trial_seed']} ({name})")

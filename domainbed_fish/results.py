@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domainbed_fish.lockfile import is_locked
+from domainbed_fish.lockfile import TrainProcesses, is_training
 
 
 class MalformedResultsWarning(UserWarning):
@@ -86,13 +86,13 @@ def scan(input_dir: str | os.PathLike, progress: bool = False) -> list[RunDir]:
         import tqdm
 
         subdirs = tqdm.tqdm(subdirs, desc="reading results", unit="run", leave=False)
-    runs = []
+    runs, processes = [], TrainProcesses()
     for sub in subdirs:
         results = sub / "results.jsonl"
         done = (sub / "done").exists()
         if not results.exists() and not done:
             continue
-        run = RunDir(sub, done=done, running=not done and is_locked(sub))
+        run = RunDir(sub, done=done, running=not done and is_training(sub, processes))
         if results.exists():
             run.records = read_jsonl(results)
         runs.append(run)

@@ -7,9 +7,10 @@ This is what the plugin's sweep launches instead of ``python -m domainbed.script
 ``train`` it adds:
 
 - the job lock (:mod:`domainbed_fish.lockfile`): if another process is training the job,
-  this one exits at once with status 0;
+  this one exits at once with status 0; so it does if DomainBed's own train script is
+  training it on this machine without the lock (DomainBed's ``local`` launcher);
 - a finished job (``done`` present) is not trained again;
-- an interrupted job (directory without ``done``, nobody holding the lock) is cleared
+- an interrupted job (directory without ``done``, nobody training it) is cleared
   and trained from the start, since DomainBed's ``train`` cannot resume;
 - glibc's ``malloc`` keeps freed memory for the next step instead of returning it to the
   kernel (:mod:`domainbed_fish.allocator`: a third less time for a CdSprites-30 ERM job on
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from domainbed_fish.allocator import reuse_freed_memory
 from domainbed_fish.lifetime import end_with_launcher
-from domainbed_fish.lockfile import LOCK_NAME, JobLock, holder_pid
+from domainbed_fish.lockfile import LOCK_NAME, JobLock, holder_pid, unlocked_trainer_pid
 
 #: Printed (with the job directory) when a job is skipped because another process runs it.
 SKIPPED_RUNNING = "domainbed-fish: skipped, another process is training"
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (job_dir / "done").exists():
             print(f"{SKIPPED_DONE}: {job_dir}", flush=True)
+            return 0
+        pid = unlocked_trainer_pid(job_dir)
+        if pid is not None:  # DomainBed's own launcher is training it, without the lock
+            print(f"{SKIPPED_RUNNING} (pid {pid}, DomainBed's train script): {job_dir}", flush=True)
             return 0
         clear_job_dir(job_dir)
         print(f"{TRAINING}: {job_dir}", flush=True)

@@ -34,7 +34,7 @@ from typing import Any
 
 from domainbed_fish import presets as presets_module
 from domainbed_fish.errors import file_in_the_way
-from domainbed_fish.lockfile import is_locked
+from domainbed_fish.lockfile import TrainProcesses, is_training
 from domainbed_fish.selection import needs_pairs, parse_selection, required_test_envs
 
 DONE, RUNNING, INCOMPLETE, NOT_LAUNCHED = "done", "running", "incomplete", "not launched"
@@ -88,12 +88,13 @@ class SweepJob:
                 f"hparams_seed={a['hparams_seed']} trial_seed={a['trial_seed']}")
 
 
-def job_state(job_dir: Path) -> str:
-    """``done`` / ``running`` (a live lock) / ``incomplete`` / ``not launched``."""
+def job_state(job_dir: Path, processes: TrainProcesses | None = None) -> str:
+    """``done`` / ``running`` (a live lock, or DomainBed's own train script on it on this
+    machine) / ``incomplete`` / ``not launched``."""
     if (job_dir / "done").exists():
         return DONE
     if job_dir.exists():
-        return RUNNING if is_locked(job_dir) else INCOMPLETE
+        return RUNNING if is_training(job_dir, processes) else INCOMPLETE
     return NOT_LAUNCHED
 
 
@@ -301,14 +302,14 @@ def make_jobs(config: SweepConfig) -> list[SweepJob]:
         data_dir=config.data_dir, task=config.task, holdout_fraction=config.holdout_fraction,
         single_test_envs=not needs_pairs(config.selection), hparams=config.hparams,
     )
-    jobs = []
+    jobs, processes = [], TrainProcesses()
     for train_args in args_list:
         if train_args["test_envs"] not in wanted[train_args["dataset"]]:
             continue
         if config.checkpoint_freq is not None:
             train_args["checkpoint_freq"] = config.checkpoint_freq
         job = sweep.Job(train_args, config.output_dir)
-        jobs.append(SweepJob(job, job_state(Path(job.output_dir))))
+        jobs.append(SweepJob(job, job_state(Path(job.output_dir), processes)))
     return jobs
 
 
@@ -397,11 +398,11 @@ def jobs_from_manifest(output_dir: str) -> list[SweepJob]:
         raise SystemExit(f"error: {output_dir} has no sweep_manifest.json; give the sweep's options "
                          "(--preset or --datasets ...) as for launch")
     sweep = import_domainbed("scripts.sweep")
-    jobs = []
+    jobs, processes = [], TrainProcesses()
     for train_args in manifest["jobs"].values():
         train_args = {k: v for k, v in train_args.items() if k != "output_dir"}
         job = sweep.Job(train_args, output_dir)
-        jobs.append(SweepJob(job, job_state(Path(job.output_dir))))
+        jobs.append(SweepJob(job, job_state(Path(job.output_dir), processes)))
     return jobs
 
 
@@ -539,13 +540,14 @@ def delete_incomplete(jobs: Sequence[SweepJob], args: argparse.Namespace) -> int
         return 0
     deleted = 0
     for j in to_delete:
-        from domainbed_fish.lockfile import JobLock
+        from domainbed_fish.lockfile import JobLock, unlocked_trainer_pid
 
         lock = JobLock(j.job.output_dir)
         if not lock.acquire(patience_s=0):
             continue  # started meanwhile
         try:
-            if not (Path(j.job.output_dir) / "done").exists():
+            started = unlocked_trainer_pid(j.job.output_dir) is not None  # by DomainBed's launcher
+            if not started and not (Path(j.job.output_dir) / "done").exists():
                 shutil.rmtree(j.job.output_dir)
                 deleted += 1
         finally:

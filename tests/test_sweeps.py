@@ -748,6 +748,68 @@ def test_status_and_delete_incomplete_spare_running_and_done_jobs(domainbed, tmp
         holder.wait()
 
 
+def _domainbed_train_without_lock(cwd: Path, output_dir: str) -> subprocess.Popen:
+    """A process whose command line is DomainBed's train script on ``output_dir`` (relative to
+    ``cwd``), as DomainBed's own ``local`` launcher starts it: no job lock."""
+    return subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)", "-m", "domainbed.scripts.train",
+                             "--dataset", "Debug28", "--output_dir", output_dir], cwd=cwd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="recognised from /proc (Linux)")
+@requires_domainbed
+def test_a_job_domainbeds_own_launcher_trains_is_running_not_incomplete(domainbed, tmp_path, capsys):
+    """DomainBed's ``local`` launcher runs train without the lock: status, delete_incomplete
+    and run_job must still leave the job alone (they cleared it mid-run)."""
+    from domainbed_fish import run_job, sweep
+
+    argv = ["--datasets", "Debug28", "--algorithms", "ERM", "--n_hparams", "1", "--n_trials", "1",
+            "--selection", "training", "--test_envs", "0", "--data_dir", str(tmp_path),
+            "--output_dir", str(tmp_path / "out"), "--skip_confirmation"]
+    (job,) = sweep.make_jobs(sweep.resolve(sweep.build_parser().parse_args(["status", *argv])))
+    job_dir = Path(job.job.output_dir)
+    job_dir.mkdir(parents=True)
+    (job_dir / "results.jsonl").write_text('{"step": 0}\n')
+    trainer = _domainbed_train_without_lock(tmp_path, f"out/{job_dir.name}")
+    try:
+        deadline = time.monotonic() + 30
+        while "running" not in sweep_main(capsys, "status", *argv)[1] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _, text, _ = sweep_main(capsys, "status", *argv)
+        assert "1 jobs: 0 done, 1 running, 0 incomplete, 0 not launched." in text
+        _, text, _ = sweep_main(capsys, "delete_incomplete", *argv)
+        assert "About to delete 0 jobs." in text
+        assert run_job.main(["--output_dir", str(job_dir), "--dataset", "Debug28"]) == 0
+        assert f"skipped, another process is training (pid {trainer.pid}, DomainBed's train script)" \
+            in capsys.readouterr().out
+        assert (job_dir / "results.jsonl").read_text() == '{"step": 0}\n'  # not cleared
+    finally:
+        trainer.kill()
+        trainer.wait()
+    _, text, _ = sweep_main(capsys, "status", *argv)
+    assert "1 jobs: 0 done, 0 running, 1 incomplete, 0 not launched." in text
+
+
+def test_train_output_dir_reads_domainbeds_train_command_lines():
+    from domainbed_fish.lockfile import train_output_dir
+
+    assert train_output_dir(["python", "-m", "domainbed.scripts.train", "--output_dir", "a/b"]) == "a/b"
+    assert train_output_dir(["/usr/bin/python3", "domainbed/scripts/train.py", "--output_dir=c"]) == "c"
+    assert train_output_dir(["python", "-m", "domainbed.scripts.train", "--dataset", "PACS"]) == "train_output"
+    assert train_output_dir(["python", "-m", "domainbed_fish.run_job", "--output_dir", "a/b"]) is None
+    assert train_output_dir(["/bin/sh", "-c", "python -m domainbed.scripts.train --output_dir a"]) is None
+
+
+def test_launchers_run_domainbeds_train_commands_under_the_job_lock():
+    from domainbed_fish.launchers import under_job_lock
+
+    command = "python -m domainbed.scripts.train --dataset PACS --output_dir /s/0a1b"
+    assert under_job_lock(command) == "python -m domainbed_fish.run_job --dataset PACS --output_dir /s/0a1b"
+    assert under_job_lock("/opt/py/bin/python3 -m domainbed.scripts.train --x 1") == \
+        "/opt/py/bin/python3 -m domainbed_fish.run_job --x 1"
+    for unchanged in ("python -m domainbed_fish.run_job --output_dir d", "echo -m domainbed.scripts.train x", "exit 3"):
+        assert under_job_lock(unchanged) == unchanged
+
+
 def test_sweep_without_domainbed_says_how_to_get_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DOMAINBED_DIR", "PYTHONPATH")}
     env["PYTHONPATH"] = str(REPO)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import shutil
 import sys
 from collections import Counter
@@ -191,6 +192,15 @@ def _refuse_file_as_output_dir(output_dir: str) -> None:
                          "pass the sweep's directory (a new one to start a sweep)")
 
 
+def _refuse_unwritable_output_dir(output_dir: str) -> None:
+    existing = Path(output_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --output_dir {output_dir}: {existing} cannot be written to (permissions or a "
+                         "read-only file system); pass a directory you can write to. Nothing was launched.")
+
+
 def resolve(args: argparse.Namespace) -> SweepConfig:
     """Command line over preset over defaults.
 
@@ -241,8 +251,7 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
     if args.single_test_envs and needs_pairs(selection):
         raise SystemExit("error: --selection loo needs jobs with two test environments; drop --single_test_envs "
                          "or choose --selection training,oracle")
-    import os
-
+    from domainbed_fish.locate import import_domainbed
     from domainbed_fish.registry import DATASETS as GENERATED_DATASETS
 
     data_dir = args.data_dir or os.environ.get("DOMAINBED_FISH_DATA_DIR")
@@ -252,6 +261,8 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
             # directories the same on every machine and under every TMPDIR.
             data_dir = NO_DATA_DIR
         else:
+            # A misspelt plugin dataset (LinearTo) would otherwise ask for a data directory.
+            _refuse_unknown("dataset", datasets, import_domainbed("datasets").DATASETS)
             raise SystemExit("error: --data_dir is required (DomainBed's data directory), "
                              "or set DOMAINBED_FISH_DATA_DIR")
     return SweepConfig(
@@ -268,16 +279,19 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
 # ----------------------------------------------------------------------------- jobs
 
 
+def _refuse_unknown(kind: str, names: Sequence[str], known: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        close = {n: difflib.get_close_matches(n, known, n=1) for n in unknown}
+        hints = "".join(f" Did you mean {close[n][0]!r} for {n!r}?" for n in unknown if close[n])
+        raise SystemExit(f"error: unknown {kind}(s) {unknown}.{hints} Available: {', '.join(known)}")
+
+
 def _check_names(config: SweepConfig) -> None:
     from domainbed_fish.locate import import_domainbed
 
-    algorithms = import_domainbed("algorithms")
-    datasets = import_domainbed("datasets")
-    for kind, names, known in [("dataset", config.datasets, datasets.DATASETS),
-                               ("algorithm", config.algorithms, algorithms.ALGORITHMS)]:
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise SystemExit(f"error: unknown {kind}(s) {unknown}; available: {', '.join(known)}")
+    _refuse_unknown("dataset", config.datasets, import_domainbed("datasets").DATASETS)
+    _refuse_unknown("algorithm", config.algorithms, import_domainbed("algorithms").ALGORITHMS)
 
 
 def make_jobs(config: SweepConfig) -> list[SweepJob]:
@@ -349,8 +363,13 @@ def check_hparams(jobs: Sequence[SweepJob]) -> None:
         try:
             validate(hparams, num_domains)
         except ValueError as exc:
-            raise SystemExit(f"error: {a['dataset']} {a['algorithm']} hparams_seed={a['hparams_seed']} "
-                             f"trial_seed={a['trial_seed']}: {exc} Nothing was launched.") from None
+            pair = ("" if len(a["test_envs"]) == 1 else
+                    f" (a job holding out {len(a['test_envs'])} environments, for leave-one-domain-out "
+                    f"selection, trains on {num_domains} domains; --selection training,oracle launches "
+                    "only jobs holding out one)")
+            raise SystemExit(f"error: {a['dataset']} {a['algorithm']} test_envs={a['test_envs']} "
+                             f"hparams_seed={a['hparams_seed']} trial_seed={a['trial_seed']}: {exc}{pair} "
+                             "Nothing was launched.") from None
     # after the algorithms' own checks, whose messages are more specific
     _refuse_unknown_names(jobs, registry, algorithms, datasets)
 
@@ -474,6 +493,8 @@ def launch(config: SweepConfig, args: argparse.Namespace, argv: list[str] | None
     check_hparams(jobs)
     print(summary(jobs))
     to_run = [j for j in jobs if j.state in (NOT_LAUNCHED, INCOMPLETE)]
+    if to_run:
+        _refuse_unwritable_output_dir(config.output_dir)
     n_incomplete = sum(j.state == INCOMPLETE for j in to_run)
     print(f"About to launch {len(to_run)} jobs" + (f" ({n_incomplete} interrupted ones are cleared and "
                                                      "trained again)" if n_incomplete else "") + ".")
@@ -581,6 +602,10 @@ def _main(argv: Sequence[str] | None) -> int:
                                   include_incomplete=args.include_incomplete, plots=not args.no_plots)
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise SystemExit(f"error: {exc}") from None
+        except OSError as exc:  # a read-only sweep directory, or a file where the report goes
+            where = args.report_dir or str(Path(args.input_dir) / "report")
+            raise SystemExit(f"error: cannot write the report to {where}: {exc.strerror or exc} "
+                             f"({exc.filename}); pass --report_dir with a directory you can write to") from None
         print(result.markdown)
         print(f"\nWrote {', '.join(str(p) for p in result.files)}")
         return 0

@@ -135,7 +135,7 @@ def test_a_bad_hyperparameter_stops_the_sweep_before_any_job(domainbed, tmp_path
     argv = [command, "--datasets", "Debug28", "--algorithms", "ERM", "IDGM", "--n_hparams", "3", "--n_trials", "1",
             "--data_dir", str(tmp_path), "--output_dir", str(out), "--hparams", '{"idgm_gama": 0.5}',
             "--skip_confirmation"]
-    with pytest.raises(SystemExit, match=r"^error: Debug28 IDGM hparams_seed=0 trial_seed=0: unknown hyperparameter "
+    with pytest.raises(SystemExit, match=r"^error: Debug28 IDGM test_envs=\[\d\] hparams_seed=0 trial_seed=0: unknown hyperparameter "
                                          r"'idgm_gama': did you mean 'idgm_gamma'\?.* Nothing was launched\.$"):
         sweep_main(capsys, *argv)
     assert not out.exists()
@@ -194,8 +194,23 @@ def test_bad_sweep_options_say_what_to_do(domainbed, tmp_path, capsys):
     with pytest.raises(SystemExit, match="drop --single_test_envs"):
         sweep_main(capsys, "dry_run", "--datasets", "Debug28", "--output_dir", str(tmp_path), "--data_dir",
                    str(tmp_path), "--single_test_envs", "--selection", "loo")
-    with pytest.raises(SystemExit, match=r"unknown dataset\(s\) \['NoSuchData'\]; available: .*Debug28"):
+    with pytest.raises(SystemExit, match=r"unknown dataset\(s\) \['NoSuchData'\]\. Available: .*Debug28"):
         sweep_main(capsys, "dry_run", "--datasets", "NoSuchData", "--output_dir", str(tmp_path), "--data_dir", "x")
+    # a misspelt generated dataset is named as such, not taken for one that needs --data_dir
+    with pytest.raises(SystemExit, match=r"^error: unknown dataset\(s\) \['LinearTo'\]\. Did you mean 'LinearToy' "
+                                         r"for 'LinearTo'\? Available: "):
+        sweep_main(capsys, "dry_run", "--datasets", "LinearTo", "--output_dir", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"^error: unknown algorithm\(s\) \['Fsh'\]\. Did you mean 'Fish'"):
+        sweep_main(capsys, "dry_run", "--datasets", "LinearToy", "--algorithms", "Fsh", "--output_dir", str(tmp_path))
+    # a value only the leave-one-domain-out jobs cannot take: the message names them and the way round
+    argv = ["dry_run", "--datasets", "LinearToy", "--algorithms", "Fish", "--n_hparams", "1", "--n_trials", "1",
+            "--hparams", '{"meta_steps": 2}', "--output_dir", str(tmp_path / "m")]
+    with pytest.raises(SystemExit, match=r"^error: LinearToy Fish test_envs=\[\d, \d\] hparams_seed=0 trial_seed=0: "
+                                         r"hyperparameter 'meta_steps' = 2 is invalid: .* \(a job holding out 2 "
+                                         r"environments, for leave-one-domain-out selection, trains on 1 domains; "
+                                         r"--selection training,oracle launches only jobs holding out one\) "):
+        sweep_main(capsys, *argv)
+    assert sweep_main(capsys, *argv, "--selection", "training,oracle")[0] == 0
     with pytest.raises(SystemExit, match="--preset: unknown preset 'nope'; available presets: cpu_quick, paper_domainbed"):
         sweep_main(capsys, "dry_run", "--preset", "nope", "--output_dir", str(tmp_path))
     with pytest.raises(SystemExit, match="--data_dir is required"):
@@ -221,6 +236,25 @@ def test_a_file_in_place_of_the_sweep_directory_is_refused_before_anything_is_wr
         with pytest.raises(SystemExit, match=f"{blocking} is a file, not a directory"):
             sweep_main(capsys, "status", "--output_dir", str(output_dir))
     assert blocking.read_text() == "kept"
+
+
+def test_an_unwritable_sweep_or_report_directory_is_an_error_with_the_fix(domainbed, tmp_path, capsys, monkeypatch):
+    from domainbed_fish import sweep
+
+    real_access = os.access
+    monkeypatch.setattr(sweep.os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
+    with pytest.raises(SystemExit, match=rf"^error: --output_dir {tmp_path / 'a' / 'b'}: {tmp_path} cannot be written "
+                                         r"to \(permissions or a read-only file system\); pass a directory you can "
+                                         r"write to\. Nothing was launched\.$"):
+        sweep_main(capsys, "launch", "--preset", "cpu_quick", "--output_dir", str(tmp_path / "a" / "b"))
+    assert not (tmp_path / "a").exists()
+    monkeypatch.undo()
+    _write_runs(tmp_path / "sweep", {"run": [_record("Debug28", "ERM", [0], 0, [(0.5, 0.5)] * 3)]})
+    (tmp_path / "taken").write_text("kept")
+    with pytest.raises(SystemExit, match=rf"^error: cannot write the report to {tmp_path / 'taken'}: File exists "
+                                         r".*; pass --report_dir with a directory you can write to$"):
+        sweep_main(capsys, "report", "--input_dir", str(tmp_path / "sweep"), "--report_dir", str(tmp_path / "taken"))
+    assert (tmp_path / "taken").read_text() == "kept"
 
 
 def test_a_launch_nobody_can_confirm_stops_with_the_fix(domainbed, tmp_path, capsys, monkeypatch):

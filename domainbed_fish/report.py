@@ -19,7 +19,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +115,14 @@ def _ordered(names: set[str], order: Sequence[str]) -> list[str]:
     return [n for n in order if n in names] + sorted(n for n in names if n not in order)
 
 
-def build_tables(records, selection: Sequence[str], progress: bool = False) -> tuple[list[Table], list[Selected]]:
-    """Apply DomainBed's selection methods to ``records`` (a DomainBed ``Q``)."""
+def build_tables(records, selection: Sequence[str], progress: bool = False,
+                 columns: Mapping[str, Sequence[int]] | None = None) -> tuple[list[Table], list[Selected]]:
+    """Apply DomainBed's selection methods to ``records`` (a DomainBed ``Q``).
+
+    ``columns``: per dataset, the held-out environments the sweep meant to report (see
+    :func:`expected_columns`); a column without results is kept, empty, so that Avg is
+    not silently taken over fewer environments.  Environments with results are shown too.
+    """
     from domainbed_fish.locate import import_domainbed
 
     model_selection = import_domainbed("model_selection")
@@ -136,7 +142,8 @@ def build_tables(records, selection: Sequence[str], progress: bool = False) -> t
         mine = [g for g in groups if g["dataset"] == dataset]
         # columns: environments held out alone in some job
         env_ids = sorted({g["test_env"] for g in mine
-                          if any(len(r["args"]["test_envs"]) == 1 for r in g["records"])})
+                          if any(len(r["args"]["test_envs"]) == 1 for r in g["records"])}
+                         | set((columns or {}).get(dataset, ())))
         all_names = list(datasets.get_dataset_class(dataset).ENVIRONMENTS)
         algs = [a for a in algorithms if any(g["algorithm"] == a for g in mine)]
         cells = {a: {e: Cell() for e in env_ids} for a in algs}
@@ -366,6 +373,24 @@ def plot_gip(path: Path, records) -> Path | None:
 # ----------------------------------------------------------------------------- missing, entry point
 
 
+def expected_columns(input_dir: Path, dataset_names: Sequence[str]) -> dict[str, list[int]]:
+    """Per dataset, the environments the sweep holds out one at a time: from the manifest when
+    there is one (a sweep restricted with --test_envs), else all of the dataset's, as
+    DomainBed's sweep launches and its ``collect_results`` shows them."""
+    from domainbed_fish.locate import import_domainbed
+    from domainbed_fish.manifest import read_manifest
+
+    manifest = read_manifest(input_dir)
+    if manifest is not None:
+        columns: dict[str, set[int]] = defaultdict(set)
+        for a in manifest["jobs"].values():
+            if len(a["test_envs"]) == 1:
+                columns[a["dataset"]].add(a["test_envs"][0])
+        return {d: sorted(envs) for d, envs in columns.items()}
+    datasets = import_domainbed("datasets")
+    return {d: list(range(datasets.num_environments(d))) for d in dataset_names if d in datasets.DATASETS}
+
+
 def find_missing(input_dir: Path, tables: list[Table], runs) -> list[str]:
     """Unfinished jobs (from the manifest when there is one) and empty table cells."""
     from domainbed_fish.lockfile import TrainProcesses
@@ -432,7 +457,8 @@ def write_report(input_dir: str | os.PathLike, report_dir: str | os.PathLike | N
                                 "results.jsonl or a done marker; pass the sweep's --output_dir, the directory "
                                 "that holds its job directories")
     records = records_of(runs, include_incomplete=include_incomplete)
-    tables, selected = build_tables(records, selection, progress=progress)
+    columns = expected_columns(input_dir, sorted({r["args"]["dataset"] for r in records}))
+    tables, selected = build_tables(records, selection, progress=progress, columns=columns)
     missing = find_missing(input_dir, tables, runs)
     n_runs = sum(r.done for r in runs)
     markdown = to_markdown(str(input_dir), tables, selected, missing, _varying_hparams(records),

@@ -439,15 +439,43 @@ def test_each_selection_method_picks_its_own_run_and_checkpoint(domainbed, tmp_p
 def test_a_cell_short_of_trials_is_listed_with_the_trials_its_avg_rests_on(domainbed, tmp_path):
     from domainbed_fish.report import write_report
 
-    accs = {0: [(0.2, 0.2), (0.5, 0.5), (0.5, 0.5)], 1: [(0.5, 0.5), (0.6, 0.6), (0.5, 0.5)]}
+    accs = {0: [(0.2, 0.2), (0.5, 0.5), (0.5, 0.5)], 1: [(0.5, 0.5), (0.6, 0.6), (0.5, 0.5)],
+            2: [(0.5, 0.5), (0.5, 0.5), (0.7, 0.7)]}
     runs = {f"env{e}trial{t}": [_record("Debug28", "ERM", [e], 0, accs[e], trial=t)]
-            for e, t in [(0, 0), (0, 1), (1, 0)]}  # trial 1 holding out env 1 never ran
+            for e, t in [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1)]}  # trial 1 holding out env 1 never ran
     _write_runs(tmp_path / "sweep", runs)
     result = write_report(tmp_path / "sweep", selection=["oracle"], plots=False, progress=False)
     (table,) = result.tables
-    assert table.avg["ERM"].trials == {0: pytest.approx((0.2 + 0.6) / 2)}
+    assert table.avg["ERM"].trials == {0: pytest.approx((0.2 + 0.6 + 0.7) / 3)}
     assert result.missing == [
         "Debug28, test-domain validation (oracle), ERM: 1 lacks trial [1]; its Avg is over trials [0] only"]
+
+
+@requires_domainbed
+def test_an_environment_no_job_reported_is_an_empty_column_not_a_shorter_average(domainbed, tmp_path):
+    """DomainBed's sweep holds out every environment, and its collect_results shows an X where
+    one has no result; an Avg over the other environments alone would pass for the dataset's.
+    A sweep restricted with --test_envs (in its manifest) reports only the environments it holds out."""
+    from domainbed_fish.manifest import write_manifest
+    from domainbed_fish.report import write_report
+
+    accs = [(0.6, 0.6), (0.7, 0.7), (0.8, 0.8)]  # LinearToy: domain1, domain2, heldout
+    runs = {f"env{e}": [_record("LinearToy", "ERM", [e], 0, accs)] for e in (1, 2)}  # nothing holds out domain1
+    _write_runs(tmp_path / "sweep", runs)
+    result = write_report(tmp_path / "sweep", selection=["oracle"], plots=False, progress=False)
+    (table,) = result.tables
+    assert table.env_names == ["domain1", "domain2", "heldout"]
+    assert table.cells["ERM"][0].empty and table.avg["ERM"].empty
+    assert [t.text() for t in table.cells["ERM"].values()] == ["—", "70.0 ± 0.0", "80.0 ± 0.0"]
+    assert result.missing == ["LinearToy, test-domain validation (oracle): no result for ERM on domain1"]
+
+    jobs = {name: {"dataset": "LinearToy", "algorithm": "ERM", "test_envs": records[0]["args"]["test_envs"],
+                   "hparams_seed": 0, "trial_seed": 0} for name, records in runs.items()}
+    write_manifest(tmp_path / "sweep", jobs, {"test_envs": [1, 2]})
+    result = write_report(tmp_path / "sweep", selection=["oracle"], plots=False, progress=False)
+    (table,) = result.tables
+    assert table.env_names == ["domain2", "heldout"] and result.missing == []
+    assert table.avg["ERM"].trials == {0: pytest.approx(0.75)}
 
 
 @requires_domainbed

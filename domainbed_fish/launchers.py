@@ -77,7 +77,12 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _env_int(name: str) -> int | None:
+#: Jobs at a time of ``local_parallel`` when neither the call nor the plugin's sweep says.
+WORKERS_VARIABLE = "DOMAINBED_FISH_WORKERS"
+
+
+def env_int(name: str) -> int | None:
+    """The integer in environment variable ``name`` (``None`` when unset or empty)."""
     value = os.environ.get(name)
     if value in (None, ""):
         return None
@@ -154,7 +159,7 @@ def local_parallel(
         verbose = os.environ.get("DOMAINBED_FISH_VERBOSE", "0") == "1"
     commands = [with_this_interpreter(under_job_lock(c)) for c in commands]
     gpus = visible_gpus()
-    workers = workers or _env_int("DOMAINBED_FISH_WORKERS")
+    workers = workers or env_int(WORKERS_VARIABLE)
     if workers is not None and workers < 1:
         raise ValueError(f"local_parallel: workers must be at least 1, got {workers}")
     base_env = dict(os.environ)
@@ -240,7 +245,7 @@ class SubmititOptions:
         }
         for name, var in [("time", "TIME"), ("gpus", "GPUS"), ("cpus", "CPUS"), ("mem_gb", "MEM_GB"),
                           ("array_parallelism", "ARRAY_PARALLELISM"), ("max_requeue", "MAX_REQUEUE")]:
-            values[name] = _env_int(f"DOMAINBED_FISH_SLURM_{var}")
+            values[name] = env_int(f"DOMAINBED_FISH_SLURM_{var}")
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:

@@ -226,6 +226,13 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
     datasets = pick("datasets")
     if not datasets:
         raise SystemExit("error: give --datasets (or a --preset)")
+    datasets = list(dict.fromkeys(datasets))  # a name given twice would count its jobs twice
+    if pick("n_hparams_from") >= pick("n_hparams"):
+        raise SystemExit(f"error: --n_hparams_from {pick('n_hparams_from')} --n_hparams {pick('n_hparams')} "
+                         "selects no hyperparameter seed: the seeds are n_hparams_from … n_hparams − 1, so "
+                         "--n_hparams must be larger")
+    if pick("n_trials") < 1:
+        raise SystemExit(f"error: --n_trials {pick('n_trials')}: at least 1 trial is needed")
     hparams: dict[str, Any] = dict(preset.get("hparams") or {})
     hparams_string: str | None = None
     if args.hparams:
@@ -266,7 +273,7 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
             raise SystemExit("error: --data_dir is required (DomainBed's data directory), "
                              "or set DOMAINBED_FISH_DATA_DIR")
     return SweepConfig(
-        datasets=list(datasets), algorithms=list(pick("algorithms")), task=pick("task"),
+        datasets=list(datasets), algorithms=list(dict.fromkeys(pick("algorithms"))), task=pick("task"),
         n_hparams_from=pick("n_hparams_from"), n_hparams=pick("n_hparams"), n_trials=pick("n_trials"),
         seed=pick("seed"), steps=pick("steps"),
         hparams=hparams_string or (json.dumps(hparams, sort_keys=True) if hparams else None),
@@ -452,12 +459,21 @@ def _launcher(config: SweepConfig, args: argparse.Namespace):
     import functools
     import os
 
-    from domainbed_fish.launchers import local_parallel, submitit_launcher
+    from domainbed_fish.launchers import WORKERS_VARIABLE, env_int, local_parallel, submitit_launcher
     from domainbed_fish.locate import import_domainbed
 
     name = config.command_launcher
     if name == "local_parallel":
-        return functools.partial(local_parallel, workers=args.workers)
+        workers, given = args.workers, "--workers"
+        if workers is None:
+            try:
+                workers, given = env_int(WORKERS_VARIABLE), WORKERS_VARIABLE
+            except ValueError as exc:
+                raise SystemExit(f"error: {exc}; unset it for one worker per core. Nothing was launched.") from None
+        if workers is not None and workers < 1:
+            raise SystemExit(f"error: {given} {workers}: local_parallel needs at least 1 worker (leave it out "
+                             "for one per core). Nothing was launched.")
+        return functools.partial(local_parallel, workers=workers)
     if name == "submitit":
         options = {k.removeprefix("submitit_"): v for k, v in vars(args).items()
                    if k.startswith("submitit_") and k != "submitit_no_wait"}
@@ -500,10 +516,10 @@ def launch(config: SweepConfig, args: argparse.Namespace, argv: list[str] | None
                                                      "trained again)" if n_incomplete else "") + ".")
     if not to_run:
         return 0
+    launcher = _launcher(config, args)  # its settings are checked before the question
     if not _confirm(args, "Launch?"):
         print("Nevermind!")
         return 0
-    launcher = _launcher(config, args)
     write_manifest(config.output_dir, {j.name: j.job.train_args for j in jobs},
                    dict(vars(config)), argv)
     order = np.random.RandomState(config.seed).permutation(len(to_run))  # as DomainBed, shuffled

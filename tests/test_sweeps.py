@@ -257,6 +257,29 @@ def test_an_unwritable_sweep_or_report_directory_is_an_error_with_the_fix(domain
     assert (tmp_path / "taken").read_text() == "kept"
 
 
+@requires_domainbed
+def test_empty_ranges_repeated_names_and_bad_worker_counts(domainbed, tmp_path, capsys, monkeypatch):
+    argv = ["--datasets", "LinearToy", "--algorithms", "ERM", "--n_hparams", "1", "--n_trials", "1",
+            "--selection", "training", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"^error: --n_hparams_from 5 --n_hparams 2 selects no hyperparameter seed: "
+                                         r"the seeds are n_hparams_from … n_hparams − 1"):
+        sweep_main(capsys, "dry_run", *argv, "--n_hparams_from", "5", "--n_hparams", "2")
+    with pytest.raises(SystemExit, match=r"^error: --n_trials 0: at least 1 trial is needed$"):
+        sweep_main(capsys, "dry_run", *argv, "--n_trials", "0")
+    # a name given twice is one set of jobs (DomainBed's sweep would count and make them twice)
+    _, text, _ = sweep_main(capsys, "dry_run", *argv, "--datasets", "LinearToy", "LinearToy", "--algorithms", "ERM", "ERM")
+    assert "Would launch 3 jobs." in text
+    for workers, env, message in [("0", None, r"--workers 0: local_parallel needs at least 1 worker"),
+                                  ("-1", None, r"--workers -1: local_parallel needs at least 1 worker"),
+                                  (None, "abc", r"environment variable DOMAINBED_FISH_WORKERS='abc' must be an "
+                                                r"integer; unset it for one worker per core")]:
+        if env is not None:
+            monkeypatch.setenv("DOMAINBED_FISH_WORKERS", env)
+        with pytest.raises(SystemExit, match=rf"^error: {message}.* Nothing was launched\.$"):
+            sweep_main(capsys, "launch", *argv, "--skip_confirmation", *(["--workers", workers] if workers else []))
+        assert not (tmp_path / "out").exists()  # no manifest, no job directory
+
+
 def test_a_launch_nobody_can_confirm_stops_with_the_fix(domainbed, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # closed standard input: a batch job, a pipe
     out = tmp_path / "sweep"

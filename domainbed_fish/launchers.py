@@ -52,15 +52,19 @@ _UNDER_LOCK = " -m domainbed_fish.run_job "
 
 
 def under_job_lock(command: str) -> str:
-    """DomainBed's ``python -m domainbed.scripts.train ...`` as ``python -m domainbed_fish.run_job ...``.
+    """DomainBed's ``python -m domainbed.scripts.train ... --output_dir D`` as
+    ``python -m domainbed_fish.run_job ...``.
 
     When DomainBed's own ``sweep`` uses these launchers, its jobs then take the job lock like
     the plugin's: ``status`` sees them running, ``delete_incomplete`` and a relaunch leave
     them alone, and a requeued Slurm job starts from a cleared directory instead of appending
-    to an interrupted run's ``results.jsonl``.  Same arguments, same files.
+    to an interrupted run's ``results.jsonl``.  Same arguments, same files.  ``run_job`` takes
+    ``D`` for the job's own (DomainBed's sweep names one per job): a finished one is skipped,
+    an unfinished one cleared first.  A command without ``--output_dir`` is left as it is.
     """
     head, sep, tail = command.partition(_DOMAINBED_TRAIN)
-    if sep and head.split()[-1:] and head.split()[-1].split("/")[-1].startswith("python"):
+    names_its_directory = any(w == "--output_dir" or w.startswith("--output_dir=") for w in tail.split())
+    if sep and names_its_directory and head.split()[-1:] and head.split()[-1].split("/")[-1].startswith("python"):
         return head + _UNDER_LOCK + tail
     return command
 

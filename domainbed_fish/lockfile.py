@@ -120,18 +120,41 @@ def holder_pid(job_dir: str | os.PathLike) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _train_script_arguments(argv: Sequence[str]) -> Sequence[str] | None:
+    """The arguments after DomainBed's train script in a Python command line, else ``None``."""
+    if not argv or not os.path.basename(argv[0]).startswith("python"):
+        return None  # an editor or a shell naming train.py trains nothing
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m":
+            return argv[i + 2:] if argv[i + 1:i + 2] == ["domainbed.scripts.train"] else None
+        if arg.startswith("-m"):  # -mdomainbed.scripts.train
+            return argv[i + 1:] if arg == "-mdomainbed.scripts.train" else None
+        if not arg.startswith("-"):  # the script: Python's own options come before it
+            return argv[i + 1:] if arg.endswith("domainbed/scripts/train.py") else None
+        i += 2 if arg in ("-W", "-X") else 1  # the options that take a separate value
+    return None
+
+
 def train_output_dir(argv: Sequence[str]) -> str | None:
-    """The ``--output_dir`` of a command line running DomainBed's train script, else ``None``."""
-    runs_train = any(a == "domainbed.scripts.train" and i > 0 and argv[i - 1] == "-m" for i, a in enumerate(argv)) \
-        or any(a.endswith("domainbed/scripts/train.py") for a in argv)
-    if not runs_train:
+    """The ``--output_dir`` of a command line running DomainBed's train script, else ``None``.
+
+    Read as train.py's ``argparse`` reads it: the last value wins, and any unambiguous prefix
+    of ``--output_dir`` (no other option of train.py starts with ``--o``) names it.
+    """
+    arguments = _train_script_arguments(argv)
+    if arguments is None:
         return None
-    for i, arg in enumerate(argv):
-        if arg == "--output_dir" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--output_dir="):
-            return arg.split("=", 1)[1]
-    return "train_output"  # train.py's default
+    output_dir = "train_output"  # train.py's default
+    for i, arg in enumerate(arguments):
+        name, has_value, value = arg.partition("=")
+        if len(name) >= 3 and "--output_dir".startswith(name):
+            if has_value:
+                output_dir = value
+            elif i + 1 < len(arguments):
+                output_dir = arguments[i + 1]
+    return output_dir
 
 
 def _train_processes() -> dict[str, int]:
@@ -144,13 +167,13 @@ def _train_processes() -> dict[str, int]:
     for pid in pids:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+                argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
             output_dir = train_output_dir(argv)
             if output_dir is None:
                 continue
             if not os.path.isabs(output_dir):
                 output_dir = os.path.join(os.readlink(f"/proc/{pid}/cwd"), output_dir)
-        except OSError:  # ended meanwhile, or another user's (its directory is not ours to clear)
+        except OSError:  # ended meanwhile, or another user's cwd (an absolute --output_dir still counts)
             continue
         found[os.path.realpath(output_dir)] = pid
     return found

@@ -380,15 +380,16 @@ def expected_columns(input_dir: Path, dataset_names: Sequence[str]) -> dict[str,
     from domainbed_fish.locate import import_domainbed
     from domainbed_fish.manifest import read_manifest
 
+    datasets = import_domainbed("datasets")
+    columns = {d: list(range(datasets.num_environments(d))) for d in dataset_names if d in datasets.DATASETS}
     manifest = read_manifest(input_dir)
-    if manifest is not None:
-        columns: dict[str, set[int]] = defaultdict(set)
+    if manifest is not None:  # its datasets' columns; one it does not list (another sweep's) keeps all
+        launched: dict[str, set[int]] = defaultdict(set)
         for a in manifest["jobs"].values():
             if len(a["test_envs"]) == 1:
-                columns[a["dataset"]].add(a["test_envs"][0])
-        return {d: sorted(envs) for d, envs in columns.items()}
-    datasets = import_domainbed("datasets")
-    return {d: list(range(datasets.num_environments(d))) for d in dataset_names if d in datasets.DATASETS}
+                launched[a["dataset"]].add(a["test_envs"][0])
+        columns.update({d: sorted(envs) for d, envs in launched.items()})
+    return columns
 
 
 def find_missing(input_dir: Path, tables: list[Table], runs) -> list[str]:

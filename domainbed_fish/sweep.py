@@ -575,15 +575,19 @@ def delete_incomplete(jobs: Sequence[SweepJob], args: argparse.Namespace) -> int
     print(f"About to delete {len(to_delete)} jobs.")
     if not to_delete or not _confirm(args, "Delete?"):
         return 0
-    deleted = 0
-    for j in to_delete:
-        from domainbed_fish.lockfile import JobLock, unlocked_trainer_pid
+    import time
 
+    from domainbed_fish.lockfile import JobLock, unlocked_trainer_pid
+
+    deleted, processes, scanned = 0, TrainProcesses(), time.monotonic()
+    for j in to_delete:
+        if time.monotonic() - scanned > 1.0:  # one scan a second, not one a job: a job may start meanwhile
+            processes, scanned = TrainProcesses(), time.monotonic()
         lock = JobLock(j.job.output_dir)
         if not lock.acquire(patience_s=0):
             continue  # started meanwhile
         try:
-            started = unlocked_trainer_pid(j.job.output_dir) is not None  # by DomainBed's launcher
+            started = unlocked_trainer_pid(j.job.output_dir, processes) is not None  # by DomainBed's launcher
             if not started and not (Path(j.job.output_dir) / "done").exists():
                 shutil.rmtree(j.job.output_dir)
                 deleted += 1

@@ -499,6 +499,10 @@ def test_an_environment_no_job_reported_is_an_empty_column_not_a_shorter_average
     (table,) = result.tables
     assert table.env_names == ["domain2", "heldout"] and result.missing == []
     assert table.avg["ERM"].trials == {0: pytest.approx(0.75)}
+    # a dataset the manifest does not list (DomainBed's own sweep in the same directory): all its environments
+    _write_runs(tmp_path / "sweep", {"debug": [_record("Debug28", "ERM", [0], 0, [(0.5, 0.5)] * 3)]})
+    result = write_report(tmp_path / "sweep", selection=["oracle"], plots=False, progress=False)
+    assert {t.dataset: t.env_ids for t in result.tables} == {"LinearToy": [1, 2], "Debug28": [0, 1, 2]}
 
 
 @requires_domainbed
@@ -835,9 +839,12 @@ def test_status_and_delete_incomplete_spare_running_and_done_jobs(domainbed, tmp
 
 def _domainbed_train_without_lock(cwd: Path, output_dir: str) -> subprocess.Popen:
     """A process whose command line is DomainBed's train script on ``output_dir`` (relative to
-    ``cwd``), as DomainBed's own ``local`` launcher starts it: no job lock."""
-    return subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)", "-m", "domainbed.scripts.train",
-                             "--dataset", "Debug28", "--output_dir", output_dir], cwd=cwd)
+    ``cwd``), as DomainBed's own ``local`` launcher starts it: no job lock (a stand-in script
+    at domainbed/scripts/train.py that only waits)."""
+    script = cwd / "checkout" / "domainbed" / "scripts" / "train.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("import time\ntime.sleep(60)\n")
+    return subprocess.Popen([PYTHON, str(script), "--dataset", "Debug28", "--output_dir", output_dir], cwd=cwd)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="recognised from /proc (Linux)")
@@ -882,6 +889,12 @@ def test_train_output_dir_reads_domainbeds_train_command_lines():
     assert train_output_dir(["python", "-m", "domainbed.scripts.train", "--dataset", "PACS"]) == "train_output"
     assert train_output_dir(["python", "-m", "domainbed_fish.run_job", "--output_dir", "a/b"]) is None
     assert train_output_dir(["/bin/sh", "-c", "python -m domainbed.scripts.train --output_dir a"]) is None
+    # as train.py's argparse reads it: a prefix names the option, the last value wins
+    assert train_output_dir(["python3", "-mdomainbed.scripts.train", "--output", "a", "--output_dir=b"]) == "b"
+    assert train_output_dir(["python", "-W", "ignore", "-m", "domainbed.scripts.train", "--output_d", "c"]) == "c"
+    # not the train script: an editor on it, another module, code given with -c
+    assert train_output_dir(["vim", "domainbed/scripts/train.py"]) is None
+    assert train_output_dir(["python", "-c", "pass", "-m", "domainbed.scripts.train", "--output_dir", "a"]) is None
 
 
 def test_launchers_run_domainbeds_train_commands_under_the_job_lock():
@@ -889,9 +902,10 @@ def test_launchers_run_domainbeds_train_commands_under_the_job_lock():
 
     command = "python -m domainbed.scripts.train --dataset PACS --output_dir /s/0a1b"
     assert under_job_lock(command) == "python -m domainbed_fish.run_job --dataset PACS --output_dir /s/0a1b"
-    assert under_job_lock("/opt/py/bin/python3 -m domainbed.scripts.train --x 1") == \
-        "/opt/py/bin/python3 -m domainbed_fish.run_job --x 1"
-    for unchanged in ("python -m domainbed_fish.run_job --output_dir d", "echo -m domainbed.scripts.train x", "exit 3"):
+    assert under_job_lock("/opt/py/bin/python3 -m domainbed.scripts.train --x 1 --output_dir=d") == \
+        "/opt/py/bin/python3 -m domainbed_fish.run_job --x 1 --output_dir=d"
+    for unchanged in ("python -m domainbed_fish.run_job --output_dir d", "echo -m domainbed.scripts.train --output_dir x",
+                      "python -m domainbed.scripts.train --dataset PACS", "exit 3"):  # the last train: no job directory
         assert under_job_lock(unchanged) == unchanged
 
 

@@ -139,6 +139,26 @@ def test_finished_jobs_are_skipped_and_interrupted_ones_restarted(tmp_path, monk
     assert len(calls) == 1 and calls[0][:3] == [PYTHON, "-m", "domainbed_fish.run_job"]  # train under the lock
 
 
+def test_the_toys_controls_are_kept_out_of_the_runs_domainbed_collects(tmp_path):
+    """collect_results groups by algorithm and selects over every run of a group: a control
+    (a labelled Fish or IDGM variant) in runs/ would be selected as IDGM itself.  An earlier
+    version's control in runs/ is moved, finished as it is, and one in training stays."""
+    toy = [job for job in get_preset("default").jobs() if job.dataset == "LinearToy"]
+    controls = [job for job in toy if job.label]
+    assert {job.row for job in toy} - {job.row for job in controls} == {"ERM", "Fish", "IDGM"} and len(controls) == 9
+    assert all(jobs_module.run_dir(tmp_path, job).parent.name == "controls" for job in controls)
+    assert all(jobs_module.run_dir(tmp_path, job).parent.name == "runs" for job in toy if not job.label)
+    moved, training, own = controls[0], controls[1], next(job for job in toy if not job.label)
+    for job in (moved, training, own):
+        (tmp_path / "runs" / job.name).mkdir(parents=True)
+        (tmp_path / "runs" / job.name / "done").write_text("done")
+    (tmp_path / "runs" / training.name / "done").unlink()
+    with JobLock(tmp_path / "runs" / training.name):
+        assert jobs_module.move_controls_out_of_runs(tmp_path, toy) == [tmp_path / "controls" / moved.name]
+    assert jobs_module.job_state(tmp_path, moved) == "done"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([training.name, own.name])
+
+
 def test_steps_recorded_reads_the_last_complete_checkpoint_line(tmp_path):
     job = TrainJob("CdSprites5", "ERM", 0, 5, 251, 50)
     assert jobs_module.steps_recorded(tmp_path, job) == 0  # not started

@@ -20,6 +20,7 @@ from domainbed_fish.reproduction.jobs import (
     JobOutcome,
     default_job_runner,
     job_state,
+    move_controls_out_of_runs,
     run_jobs,
     stale_differences,
     steps_recorded,
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     except DomainBedNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not args.dry_run:
+        for moved in move_controls_out_of_runs(output_dir, jobs):
+            print(f"moved the control run {moved.name} from runs/ to {moved.parent}: DomainBed's "
+                  "collect_results would mix it into its algorithm's row")
     states = {job.name: job_state(output_dir, job) for job in jobs}
     done = sum(state == "done" for state in states.values())
     print(f"preset {preset.name}: {len(jobs)} jobs, {done} already done, output in {output_dir}")

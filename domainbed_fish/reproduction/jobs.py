@@ -2,7 +2,9 @@
 
 Each job writes to ``<output_dir>/runs/<name>/`` (DomainBed's ``results.jsonl``,
 ``done``, ``model.pkl``), so ``python -m domainbed.scripts.collect_results
---input_dir <output_dir>/runs`` reads them too.  A directory with ``done`` is
+--input_dir <output_dir>/runs`` reads them too.  The toy's controls (labelled variants of
+Fish and IDGM) write to ``<output_dir>/controls/<name>/``: ``collect_results`` groups runs by
+algorithm and would select among a control's checkpoints and the algorithm's own.  A directory with ``done`` is
 finished and skipped; one without it is what a killed job left and is cleared
 and run again, because DomainBed's train script cannot resume.  Jobs train under the
 sweeps' job lock (``domainbed_fish.run_job``): a directory whose lock a live process
@@ -75,8 +77,25 @@ def default_job_runner() -> JobRunner:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "subprocess"
 
 
+#: Where the runs go: the algorithms' own, and the labelled variants (controls).
+RUNS, CONTROLS = "runs", "controls"
+
+
 def run_dir(output_dir: Path, job: TrainJob) -> Path:
-    return output_dir / "runs" / job.name
+    return output_dir / (CONTROLS if job.label else RUNS) / job.name
+
+
+def move_controls_out_of_runs(output_dir: Path, jobs: Sequence[TrainJob]) -> list[Path]:
+    """Move the controls an earlier version trained into ``runs/`` to ``controls/`` (kept, not
+    retrained); one a live process is training is left where it is.  Returns where they went."""
+    moved = []
+    for job in jobs:
+        old, new = output_dir / RUNS / job.name, run_dir(output_dir, job)
+        if job.label and old.is_dir() and not new.exists() and not is_locked(old):
+            new.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(old), str(new))
+            moved.append(new)
+    return moved
 
 
 def is_done(output_dir: Path, job: TrainJob) -> bool:

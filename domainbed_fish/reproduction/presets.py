@@ -163,7 +163,8 @@ class Preset:
 
 def _priority(job: TrainJob) -> int:
     """Order of the headline findings, so an interrupted run has the ones that matter:
-    the toy; Fish, ERM and IDGM at N = 15; Fish at the smallest and largest N; the rest."""
+    the toy; Fish, ERM and IDGM at N = 15; Fish at every other N (Figure 4's trend); then
+    the rest, N = 15 first."""
     if job.dataset == "LinearToy":
         return 0
     n = int(job.dataset.removeprefix("CdSprites"))

@@ -159,6 +159,16 @@ def test_the_toys_controls_are_kept_out_of_the_runs_domainbed_collects(tmp_path)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([training.name, own.name])
 
 
+def test_ctrl_c_ends_the_command_with_what_to_do_not_a_traceback(domainbed, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduction_main, "run_jobs", interrupted)
+    assert reproduction_main.main(["--quick", "--output_dir", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.endswith(
+        "interrupted: finished jobs are kept; run the same command again to finish the rest\n")
+
+
 def test_steps_recorded_reads_the_last_complete_checkpoint_line(tmp_path):
     job = TrainJob("CdSprites5", "ERM", 0, 5, 251, 50)
     assert jobs_module.steps_recorded(tmp_path, job) == 0  # not started

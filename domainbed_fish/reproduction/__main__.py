@@ -87,6 +87,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m domainbed_fish.reproduction``; Ctrl-C ends it with a line, not a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished jobs are kept; run the same command again to finish the rest",
+              file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset = get_preset(args.preset)
     jobs = preset.jobs()
@@ -111,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         if states[job.name] == "stale":
             changed = ", ".join(f"{name} {old!r} -> {new!r}"
                                 for name, (old, new) in stale_differences(output_dir, job).items())
+            later = args.dry_run or args.report_only
             print(f"stale: {job.name} was trained with other hyperparameters ({changed}); "
                   + (f"left out of the report; a run without --{'dry_run' if args.dry_run else 'report_only'} "
-                     "moves it" if args.dry_run or args.report_only else "moving it")
-                  + f" to {output_dir / 'stale'} and runs the job again")
+                     "moves it" if later else "moving it")
+                  + f" to {output_dir / 'stale'} and " + ("runs the job again" if later else "running the job again"))
     if args.dry_run:
         for job in jobs:
             print(f"{states[job.name]:<8}{job.name}")
@@ -183,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPU cores, torch {torch.__version__}; "
         + ("written from the runs present (--report_only)." if args.report_only
            else f"this invocation ran {len(jobs) - done} of the {len(jobs)} jobs in {elapsed / 60:.1f} min"
+                + (f", {len(failures)} of them failed (listed under Missing)" if failures else "")
                 + (f" ({done} were already done, from an earlier invocation)." if done else ".")),
     ]
     print("writing the report (measuring Ĝ from checkpoints) …")

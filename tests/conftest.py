@@ -110,6 +110,21 @@ def tiny_net(
     return net.to(device=device, dtype=dtype)
 
 
+def batchnorm_net(seed: int = 0) -> nn.Module:
+    """A small network with BatchNorm running statistics (float64)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+
+
+def with_a_bad_value(batches: list[tuple[torch.Tensor, torch.Tensor]], domain: int, value: float):
+    """``batches`` with one input of ``domain`` set to ``value`` (NaN or inf); the rest shared."""
+    bad = list(batches)
+    x = bad[domain][0].clone()
+    x[0, 0] = value
+    bad[domain] = (x, bad[domain][1])
+    return bad
+
+
 def domain_minibatches(
     num_domains: int = 3, batch: int = 5, in_features: int = 4, classes: int = 3,
     dtype=torch.float64, seed: int = 1, device: str = "cpu",

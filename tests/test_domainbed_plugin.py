@@ -340,18 +340,26 @@ def test_state_dict_is_a_complete_checkpoint(domainbed, name):
     assert _max_difference(a, b) == 0.0
 
 
-@pytest.mark.parametrize("name", ALGORITHM_NAMES)
-def test_a_state_dict_loaded_in_memory_shares_nothing_with_its_source(domainbed, name):
-    """``b.load_state_dict(a.state_dict())`` without a file: training ``b`` must not move
-    ``a``'s optimizer moments (torch keeps tensors already on the right device)."""
+def _trained_with_warmup(domainbed, name: str, steps: int, trained: int):
+    """(hparams, input shape, Debug28 minibatches of ``steps`` steps, the algorithm after the
+    first ``trained`` of them), with Fish's warm-up and IDGM's penalty both under way."""
     from domainbed import hparams_registry
 
     hparams = {**hparams_registry.default_hparams(name, "Debug28"), "idgm_penalty_anneal_iters": 0,
                "fish_warmup_steps": 1}
-    input_shape, batches = debug28_minibatches(domainbed, hparams, steps=5)
-    a = make_algorithm(domainbed, name, input_shape, 3, hparams)
-    for minibatches in batches[:3]:
-        a.update(minibatches)
+    input_shape, batches = debug28_minibatches(domainbed, hparams, steps=steps)
+    algorithm = make_algorithm(domainbed, name, input_shape, 3, hparams)
+    for minibatches in batches[:trained]:
+        algorithm.update(minibatches)
+    return hparams, input_shape, batches, algorithm
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_a_state_dict_loaded_in_memory_shares_nothing_with_its_source(domainbed, name):
+    """``b.load_state_dict(a.state_dict())`` without a file: training ``b`` must not move
+    ``a``'s optimizer moments (torch keeps tensors already on the right device)."""
+
+    hparams, input_shape, batches, a = _trained_with_warmup(domainbed, name, steps=5, trained=3)
     through_a_file = make_algorithm(domainbed, name, input_shape, 3, hparams, seed=2)
     through_a_file.load_state_dict(roundtrip(a.state_dict()))
     b = make_algorithm(domainbed, name, input_shape, 3, hparams, seed=1)
@@ -382,18 +390,13 @@ def test_fish_resumes_its_domain_order_from_a_checkpoint_mapped_to_a_device(doma
     orders = [[domain_schedule(3, None, True, f.fish.generator) for _ in range(5)] for f in (a, b)]
     assert orders[0] == orders[1]
 
+
 @pytest.mark.parametrize("name", ALGORITHM_NAMES)
 def test_a_checkpoint_loaded_before_a_move_moves_with_the_model(domainbed, name):
     """DomainBed's order: build, load, then ``.to(device)``.  The optimizers' moments follow
     the weights (shown with a dtype, the change a CPU can make)."""
-    from domainbed import hparams_registry
 
-    hparams = {**hparams_registry.default_hparams(name, "Debug28"), "idgm_penalty_anneal_iters": 0,
-               "fish_warmup_steps": 1}
-    input_shape, batches = debug28_minibatches(domainbed, hparams, steps=3)
-    a = make_algorithm(domainbed, name, input_shape, 3, hparams)
-    for minibatches in batches[:2]:
-        a.update(minibatches)
+    hparams, input_shape, batches, a = _trained_with_warmup(domainbed, name, steps=3, trained=2)
     b = make_algorithm(domainbed, name, input_shape, 3, hparams, seed=1)
     b.load_state_dict(roundtrip(a.state_dict()))
     b.double()

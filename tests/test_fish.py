@@ -9,7 +9,16 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, assert_resumes_identically, domain_minibatches, fish_config, idgm_config, tiny_net
+from conftest import (
+    DEVICES,
+    assert_resumes_identically,
+    batchnorm_net,
+    domain_minibatches,
+    fish_config,
+    idgm_config,
+    tiny_net,
+    with_a_bad_value,
+)
 from torch import nn
 
 from domainbed_fish.errors import NonFiniteLossError
@@ -284,21 +293,22 @@ def test_non_finite_loss_names_step_and_domain_and_keeps_weights():
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
-@pytest.mark.parametrize("warmup", [0, 5], ids=["fish-step", "warm-up-step"])
-def test_a_non_finite_step_leaves_batchnorm_statistics_as_they_were(warmup):
-    """The warm-up step's forward pass runs on θ itself, so BatchNorm's running statistics
-    would take the NaN before the loss is checked; they are put back."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
-    batches = domain_minibatches()
-    updater = FishUpdater(net, fish_config(fish_warmup_steps=warmup))
+@pytest.mark.parametrize("make_updater", [
+    lambda net: FishUpdater(net, fish_config()),
+    lambda net: FishUpdater(net, fish_config(fish_warmup_steps=5)),
+    lambda net: IDGMUpdater(net, idgm_config(idgm_penalty_anneal_iters=0)),
+], ids=["fish-step", "fish-warm-up-step", "idgm-step"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_step_leaves_batchnorm_statistics_as_they_were(make_updater, bad):
+    """Fish's warm-up step and IDGM's step run their forward passes on θ itself, so
+    BatchNorm's running statistics would take the bad value before the loss is checked;
+    after the error they are as before the step, and eval() still predicts."""
+    net, batches = batchnorm_net(), domain_minibatches()
+    updater = make_updater(net)
     updater.step(batches)
     before = copy.deepcopy(net.state_dict())
-    bad = list(batches)
-    bad[1] = (bad[1][0].clone(), bad[1][1])
-    bad[1][0][0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError):
-        updater.step(bad)
+        updater.step(with_a_bad_value(batches, 1, bad))
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert torch.isfinite(net.eval()(batches[0][0])).all()

@@ -152,6 +152,17 @@ def _choice(hparams: Mapping[str, Any], name: str, choices: tuple[str, ...]) -> 
 LOOKALIKE_CUTOFF = 0.8
 
 
+def refuse_unknown_prefixed(hparams: Mapping[str, Any], known: list[str], prefix: str, owner: str = "") -> None:
+    """Raise ``ValueError`` for a name ``prefix…`` of ``hparams`` not in ``known``, naming the
+    nearest (``owner`` starts the message): DomainBed's train script passes a mistyped name
+    through unread, so the run would silently use the default."""
+    for name in sorted(n for n in hparams if isinstance(n, str) and n.startswith(prefix) and n not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{owner}unknown hyperparameter {name!r}: {hint}the {prefix}… ones are {known}. "
+                         "Fix it in --hparams.")
+
+
 def _require(hparams: Mapping[str, Any], specs: tuple[HParam, ...], extra: tuple[str, ...], prefix: str) -> None:
     """Every hyperparameter of ``specs`` and ``extra`` present, and no unknown one named
     ``prefix…`` or spelled nearly as one of ``specs``' names without the prefix
@@ -166,12 +177,7 @@ def _require(hparams: Mapping[str, Any], specs: tuple[HParam, ...], extra: tuple
             "hparams_registry.default_hparams / random_hparams, which know them once "
             "domainbed_fish is installed (or domainbed_fish.register() was called)."
         )
-    for name in sorted(hparams):
-        if isinstance(name, str) and name.startswith(prefix) and name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown hyperparameter {name!r}: {hint}the {prefix}… ones are {known}. "
-                             "Fix it in --hparams.")
+    refuse_unknown_prefixed(hparams, known, prefix)
     unprefixed = [n for n in known if not n.startswith(prefix)]
     for name in sorted(n for n in hparams if isinstance(n, str) and n not in known and n not in extra):
         # No registered name of any algorithm or dataset is this close to one of these

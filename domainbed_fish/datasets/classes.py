@@ -9,13 +9,12 @@ Data are generated in memory, so no loader workers are needed.
 
 from __future__ import annotations
 
-import difflib
 import numbers
 from typing import Any, ClassVar
 
 from domainbed_fish.datasets.cdsprites import build_cdsprites
 from domainbed_fish.datasets.toy import HELDOUT_COORDINATE, INPUT_DIM, TRAINING_COORDINATES, toy_domain
-from domainbed_fish.hparams import CDSPRITES_HPARAMS, LINEAR_TOY_HPARAMS
+from domainbed_fish.hparams import CDSPRITES_HPARAMS, LINEAR_TOY_HPARAMS, refuse_unknown_prefixed
 from domainbed_fish.locate import import_domainbed
 
 _datasets = import_domainbed("datasets")
@@ -40,14 +39,10 @@ def _whole_number(dataset: str, hparams: dict, specs, name: str) -> int:
 
 
 def _refuse_unknown(dataset: str, hparams: dict, specs, prefix: str) -> None:
-    """No unknown hyperparameter named ``prefix…``: DomainBed's train script would pass a
-    mistyped ``cdsprites_per_domian`` through unread and build the default size."""
+    """No unknown hyperparameter named ``prefix…`` (a mistyped ``cdsprites_per_domian`` would
+    build the default size)."""
     known = [spec.name for spec in specs if spec.name.startswith(prefix)]
-    for name in sorted(n for n in hparams if isinstance(n, str) and n.startswith(prefix) and n not in known):
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"{dataset}: unknown hyperparameter {name!r}: {hint}the {prefix}… ones are {known}. "
-                         "Fix it in --hparams.")
+    refuse_unknown_prefixed(hparams, known, prefix, owner=f"{dataset}: ")
 
 
 class CdSprites(_datasets.MultipleDomainDataset):

@@ -1,7 +1,8 @@
 """How often each setting wins CdSprites-N's race to shape, over many seeds, through DomainBed's train script.
 
     python benchmarks/cdsprites_race.py --grid benchmarks/grids/n15_race.json \
-        --runs_dir /tmp/race --summary race.jsonl [--workers 14] [--only "Fish,ERM"]
+        --runs_dir /tmp/race --summary race.jsonl [--workers 14] \
+        [--only "Fish lr 2e-3 b1 0.5, 401 steps" "ERM, 401 steps"]
 
 The reproduction's N = 15 targets turn on a race out of the initial plateau that one seed
 wins and another loses (docs/reproduction/findings.md), so a setting judged on the preset's
@@ -188,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs_dir", type=Path, required=True, help="where DomainBed's runs go")
     parser.add_argument("--summary", type=Path, required=True, help="JSON lines, one per finished job")
     parser.add_argument("--workers", type=int, default=2, help="jobs at once (default: 2)")
-    parser.add_argument("--only", default="", help="comma-separated labels of the grid to run")
+    parser.add_argument("--only", nargs="+", default=[], metavar="LABEL",
+                        help="labels of the grid to run, each one argument (labels contain commas)")
     parser.add_argument("--runner", choices=JOB_RUNNERS, default=None,
                         help="how jobs start DomainBed's train script (default: the reproduction's)")
     parser.add_argument("--table_only", action="store_true", help="print the table of --summary and exit")
     args = parser.parse_args(argv)
-    grid = load_grid(args.grid, {label for label in args.only.split(",") if label} or None)
+    grid = load_grid(args.grid, set(args.only) or None)
     lines = [json.loads(line) for line in args.summary.read_text().splitlines()] if args.summary.exists() else []
     outdated = len([line for line in lines if line["label"] in {s["label"] for s in grid}]) - len(
         current_lines(lines, grid))

@@ -45,9 +45,11 @@ several times over, so the timings measured the contention, not the algorithms.
 
 The start-up cost of the plugin's automatic registration (``python -c pass`` with
 and without the hook) is measured in the same run.  The table is printed and
-written as Markdown and JSON to ``--out`` (default ``benchmarks/results/``): a run of every
-network and algorithm to ``step_time_<device>.md``/``.json``, anything less (one network,
-one case, some algorithms) to ``step_time_<device>_subset.*``.
+written as Markdown and JSON to ``--out`` (default ``benchmarks/results/``, where the tables
+of record are committed): a finished run of every network and algorithm with the default
+grid and rounds to ``step_time_<device>.md``/``.json`` (while it runs, after each case, to
+``step_time_<device>_partial.*``), anything less (one network, one case, some algorithms,
+other S, batches or rounds) to ``step_time_<device>_subset.*``.
 """
 
 from __future__ import annotations
@@ -366,7 +368,8 @@ def startup_section(runs: int) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also what :func:`is_record_run` compares a run's options with)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), default=None,
                         help="the grid's networks (default: all of them, or none when --cases is given)")
@@ -391,6 +394,11 @@ def main() -> None:
                         help="torch CPU threads; 0: torch's default (see the note on shared machines)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--rss-child", nargs=5, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     domainbed_fish.register()
@@ -419,8 +427,7 @@ def main() -> None:
         except ValueError:
             parser.error(f"--cases {case!r}: expected NETWORK:S:BATCH with NETWORK one of {', '.join(NETWORKS)}")
 
-    # The table of record covers every network and algorithm; anything less is a subset.
-    args.whole_grid = {key for key, _, _ in cases} == set(NETWORKS) and set(args.algorithms) == set(ALGORITHMS)
+    args.whole_grid = is_record_run(parser, args, cases)
 
     started = time.perf_counter()
     startup = startup_section(args.startup_runs) if args.startup_runs else None
@@ -435,6 +442,18 @@ def main() -> None:
         text = report(args, device, rows, startup, time.perf_counter() - started,
                       None if done else f"partial: {index + 1} of {len(cases)} cases")
     print(text)
+
+
+#: Options a table of record runs at their defaults (the grid and the rounds it reports).
+RECORD_OPTIONS = ("domains", "batch", "resnet_batch", "resnet_domains", "repeats", "resnet_repeats", "warmup",
+                  "resnet_warmup", "threads")
+
+
+def is_record_run(parser: argparse.ArgumentParser, args: argparse.Namespace, cases: list[tuple[str, int, int]]) -> bool:
+    """Whether this run makes the table of record: every network and algorithm, at the default
+    grid and rounds; anything less is a subset."""
+    return ({key for key, _, _ in cases} == set(NETWORKS) and set(args.algorithms) == set(ALGORITHMS)
+            and all(getattr(args, name) == parser.get_default(name) for name in RECORD_OPTIONS))
 
 
 def report(args: argparse.Namespace, device: torch.device, rows: list[dict], startup: tuple[str, dict] | None,
@@ -458,8 +477,9 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict], sta
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # A subset keeps its own file, so that checking one case leaves the whole grid's table alone.
-    stem = f"step_time_{device.type}" + ("" if args.whole_grid else "_subset")
+    # A subset keeps its own file, so that checking one case leaves the whole grid's table alone;
+    # so does a whole-grid run until its last case is in (a stopped run leaves the record as it was).
+    stem = f"step_time_{device.type}" + ("_subset" if not args.whole_grid else "_partial" if partial else "")
     (out / f"{stem}.md").write_text(text + "\n")
     meta = {
         "title": title, "command": " ".join(sys.argv), "platform": platform.platform(),
@@ -468,6 +488,9 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict], sta
         "rows": rows, "startup": startup[1] if startup else None, "targets": targets, "git": git_commit(),
     }
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    if args.whole_grid and not partial:
+        for leftover in out.glob(f"step_time_{device.type}_partial.*"):
+            leftover.unlink()
     return text
 
 

@@ -86,6 +86,27 @@ def test_step_time_subset_leaves_the_whole_grid_table_alone(tmp_path: Path) -> N
     assert json.loads((tmp_path / "step_time_cpu_subset.json").read_text())["args"]["cases"] == ["mnist:2:4"]
 
 
+@requires_domainbed
+def test_step_time_writes_the_table_of_record_only_for_a_finished_run_of_the_default_grid(tmp_path: Path) -> None:
+    step_time = load_benchmark("step_time")
+    parser = step_time.build_parser()
+    every_network = [(key, 3, 32) for key in step_time.NETWORKS]
+    assert step_time.is_record_run(parser, parser.parse_args([]), every_network)
+    for fewer in (["--repeats", "1"], ["--domains", "2"], ["--resnet-batch", "1"], ["--algorithms", "ERM", "Fish"]):
+        assert not step_time.is_record_run(parser, parser.parse_args(fewer), every_network), fewer
+    assert not step_time.is_record_run(parser, parser.parse_args([]), every_network[:-1])
+
+    args = parser.parse_args(["--out", str(tmp_path)])
+    args.whole_grid = True
+    (tmp_path / "step_time_cpu.md").write_text("the record\n")
+    step_time.report(args, torch.device("cpu"), [], None, 1.0, "partial: 1 of 4 cases")
+    assert (tmp_path / "step_time_cpu.md").read_text() == "the record\n"  # a stopped run leaves it alone
+    assert "partial: 1 of 4 cases" in (tmp_path / "step_time_cpu_partial.md").read_text()
+    step_time.report(args, torch.device("cpu"), [], None, 2.0, None)
+    assert (tmp_path / "step_time_cpu.md").read_text() != "the record\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_time_cpu.json", "step_time_cpu.md"]
+
+
 @pytest.mark.parametrize(("device", "extra", "verdict"), [
     ("cpu", 4 * 15, "holds"), ("cpu", 4 * 15 + 1, "MISSED"),
     ("cuda", 512 * 15, "holds"), ("cuda", 512 * 15 + 1, "MISSED"),
@@ -134,6 +155,16 @@ def test_every_committed_race_grid_loads() -> None:
     assert grids
     for path in grids:
         assert race.grid_jobs(race.load_grid(path)), path
+
+
+def test_race_only_takes_labels_that_contain_commas(capsys) -> None:
+    race = load_benchmark("cdsprites_race")
+    labels = ["ERM, 401 steps", "Fish lr 2e-3 b1 0.5, 401 steps"]
+    assert race.main(["--grid", str(BENCHMARKS / "grids" / "n15_race.json"), "--runs_dir", "unused", "--summary",
+                      str(BENCHMARKS / "results" / "cdsprites_race_cuda.jsonl"), "--only", *labels,
+                      "--table_only"]) == 0
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert sorted(rows) == sorted(labels)
 
 
 def test_race_table_counts_wins_and_losses_per_setting() -> None:

@@ -909,6 +909,27 @@ def test_launchers_run_domainbeds_train_commands_under_the_job_lock():
         assert under_job_lock(unchanged) == unchanged
 
 
+@pytest.mark.parametrize(("arguments", "output_dir"), [
+    (["--datasets", "PACS"], "outputs/paper_domainbed"),  # sweep options right after DATA_DIR
+    (["out/p", "--datasets", "PACS"], "out/p"),
+])
+def test_paper_domainbed_script_tells_its_output_dir_from_sweep_options(tmp_path, arguments, output_dir):
+    """The commands the script runs, read off a stand-in python on PATH that records them."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(REPO / "sweeps" / "paper_domainbed.sh"), "/data", *arguments], check=True,
+                   env=env, capture_output=True, timeout=60)
+    dry_run, launch = log.read_text().splitlines()
+    assert dry_run == f"-m sweeps dry_run --preset paper_domainbed --data_dir /data --output_dir {output_dir} " \
+                      "--datasets PACS"
+    assert launch.startswith(f"-m sweeps launch --preset paper_domainbed --data_dir /data --output_dir {output_dir} "
+                             f"--command_launcher submitit --submitit_folder {output_dir}/submitit_logs ")
+    assert launch.endswith(" --datasets PACS")
+
+
 def test_sweep_without_domainbed_says_how_to_get_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DOMAINBED_DIR", "PYTHONPATH")}
     env["PYTHONPATH"] = str(REPO)

@@ -206,10 +206,3 @@ def is_training(job_dir: str | os.PathLike, processes: TrainProcesses | None = N
     """Whether a live process trains ``job_dir``: one holding its lock (the plugin's jobs),
     or DomainBed's own train script without it on this machine."""
     return is_locked(job_dir) or unlocked_trainer_pid(job_dir, processes) is not None
-
-
-def trainer_pid(job_dir: str | os.PathLike) -> int | None:
-    """The pid of the process training ``job_dir``: the lock's holder, else an unlocked one."""
-    if is_locked(job_dir):
-        return holder_pid(job_dir)
-    return unlocked_trainer_pid(job_dir)

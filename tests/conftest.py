@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -206,3 +207,13 @@ def shared_sweep(tmp_path_factory):
     for p, text in zip(procs, outputs):
         assert p.returncode == 0, text[-3000:]
     return out, data, outputs
+
+
+def domainbed_train_without_lock(cwd: Path, output_dir: str) -> subprocess.Popen:
+    """A process whose command line is DomainBed's train script on ``output_dir`` (relative to
+    ``cwd``), as DomainBed's own ``local`` launcher starts it: no job lock (a stand-in script
+    at domainbed/scripts/train.py that only waits)."""
+    script = cwd / "checkout" / "domainbed" / "scripts" / "train.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text("import time\ntime.sleep(60)\n")
+    return subprocess.Popen([PYTHON, str(script), "--dataset", "Debug28", "--output_dir", output_dir], cwd=cwd)

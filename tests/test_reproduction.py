@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, REPO, subprocess_env
+from conftest import PYTHON, REPO, domainbed_train_without_lock, subprocess_env
 
 from domainbed_fish.hparams import CDSPRITES_ALGORITHM_HPARAMS
 from domainbed_fish.lifetime import is_alive
@@ -343,6 +343,50 @@ def test_a_job_another_process_is_training_is_left_alone_with_the_fix(tmp_path, 
     assert f"kill {os.getpid()}), then run the same command again" in outcome.error
     assert (directory / "results.jsonl").read_text() == '{"step": 0}\n'
     assert jobs_module.job_state(tmp_path, job) == "to do"  # the lock went with its holder
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="recognised from /proc (Linux)")
+def test_a_job_domainbeds_train_script_trains_without_the_lock_is_left_alone(tmp_path, monkeypatch):
+    """DomainBed's train script run by hand (or by DomainBed's own launcher) on a job's directory
+    takes no lock: the job is still 'running', and is neither cleared nor started, nor, for a
+    control an earlier version trained in runs/, moved."""
+    job = TrainJob("LinearToy", "ERM", 0, 2, 10, 5)
+    control = next(job for job in get_preset("default").jobs() if job.label)
+    directory = jobs_module.run_dir(tmp_path, job)
+    for path in (directory, tmp_path / "runs" / control.name):
+        path.mkdir(parents=True)
+        (path / "results.jsonl").write_text('{"step": 0}\n')
+    monkeypatch.setattr(jobs_module.subprocess, "run", lambda *a, **kw: pytest.fail("the job was started"))
+    trainers = [domainbed_train_without_lock(tmp_path, f"runs/{name}") for name in (job.name, control.name)]
+    try:
+        deadline = time.monotonic() + 30
+        while jobs_module.job_state(tmp_path, job) != "running":
+            assert time.monotonic() < deadline, "the train process was not recognised"
+            time.sleep(0.1)
+        (outcome,) = jobs_module.run_jobs(tmp_path, [job], workers=1, runner="subprocess")
+        assert jobs_module.move_controls_out_of_runs(tmp_path, [control]) == []
+    finally:
+        for trainer in trainers:
+            trainer.kill()
+            trainer.wait()
+    assert f"is being trained by another process (pid {trainers[0].pid}), for example DomainBed's train " \
+           f"script run on it directly; nothing was changed there" in outcome.error
+    assert (directory / "results.jsonl").read_text() == '{"step": 0}\n'
+    assert jobs_module.job_state(tmp_path, job) == "to do"
+    assert jobs_module.move_controls_out_of_runs(tmp_path, [control]) == [tmp_path / "controls" / control.name]
+
+
+def test_dry_run_shows_an_earlier_versions_control_in_runs_by_its_state_there(domainbed, tmp_path, capsys):
+    """--dry_run moves nothing, so a finished control an earlier version left in runs/ is
+    listed as done there (the next run moves it and does not train it), not as to do."""
+    control = next(job for job in get_preset("default").jobs() if job.label)
+    old = tmp_path / "runs" / control.name
+    old.mkdir(parents=True)
+    (old / "done").write_text("done")
+    assert reproduction_main.main(["--preset", "default", "--output_dir", str(tmp_path), "--dry_run"]) == 0
+    assert f"done    {control.name} (in runs/; a run without --dry_run moves it to {tmp_path / 'controls'})" \
+        in capsys.readouterr().out.splitlines()
+    assert old.is_dir() and not (tmp_path / "controls").exists()
 
 
 def test_a_job_finished_by_another_invocation_after_the_plan_is_kept(tmp_path, monkeypatch):

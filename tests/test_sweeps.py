@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO, SWEEP_ARGS, requires_domainbed, run_sweep, sweep_env
+from conftest import PYTHON, REPO, SWEEP_ARGS, domainbed_train_without_lock, requires_domainbed, run_sweep, sweep_env
 
 from domainbed_fish.lockfile import JobLock, holder_pid, is_locked
 from domainbed_fish.results import MalformedResultsWarning, read_jsonl
@@ -837,16 +837,6 @@ def test_status_and_delete_incomplete_spare_running_and_done_jobs(domainbed, tmp
         holder.wait()
 
 
-def _domainbed_train_without_lock(cwd: Path, output_dir: str) -> subprocess.Popen:
-    """A process whose command line is DomainBed's train script on ``output_dir`` (relative to
-    ``cwd``), as DomainBed's own ``local`` launcher starts it: no job lock (a stand-in script
-    at domainbed/scripts/train.py that only waits)."""
-    script = cwd / "checkout" / "domainbed" / "scripts" / "train.py"
-    script.parent.mkdir(parents=True)
-    script.write_text("import time\ntime.sleep(60)\n")
-    return subprocess.Popen([PYTHON, str(script), "--dataset", "Debug28", "--output_dir", output_dir], cwd=cwd)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="recognised from /proc (Linux)")
 @requires_domainbed
 def test_a_job_domainbeds_own_launcher_trains_is_running_not_incomplete(domainbed, tmp_path, capsys):
@@ -861,7 +851,7 @@ def test_a_job_domainbeds_own_launcher_trains_is_running_not_incomplete(domainbe
     job_dir = Path(job.job.output_dir)
     job_dir.mkdir(parents=True)
     (job_dir / "results.jsonl").write_text('{"step": 0}\n')
-    trainer = _domainbed_train_without_lock(tmp_path, f"out/{job_dir.name}")
+    trainer = domainbed_train_without_lock(tmp_path, f"out/{job_dir.name}")
     try:
         deadline = time.monotonic() + 30
         while "running" not in sweep_main(capsys, "status", *argv)[1] and time.monotonic() < deadline:

@@ -15,9 +15,13 @@ import torch
 from tqdm import tqdm
 
 from domainbed_fish.errors import file_in_the_way
+from domainbed_fish.lockfile import TrainProcesses
 from domainbed_fish.reproduction.jobs import (
+    CONTROLS,
     JOB_RUNNERS,
+    RUNS,
     JobOutcome,
+    controls_in_runs,
     default_job_runner,
     job_state,
     move_controls_out_of_runs,
@@ -114,7 +118,8 @@ def _main(argv: list[str] | None = None) -> int:
         for moved in move_controls_out_of_runs(output_dir, jobs):
             print(f"moved the control run {moved.name} from runs/ to {moved.parent}: DomainBed's "
                   "collect_results would mix it into its algorithm's row")
-    states = {job.name: job_state(output_dir, job) for job in jobs}
+    processes = TrainProcesses()
+    states = {job.name: job_state(output_dir, job, processes) for job in jobs}
     done = sum(state == "done" for state in states.values())
     print(f"preset {preset.name}: {len(jobs)} jobs, {done} already done, output in {output_dir}")
     for job in jobs:
@@ -127,8 +132,13 @@ def _main(argv: list[str] | None = None) -> int:
                      "moves it" if later else "moving it")
                   + f" to {output_dir / 'stale'} and " + ("runs the job again" if later else "running the job again"))
     if args.dry_run:
+        in_runs = {job.name for job in controls_in_runs(output_dir, jobs)}
         for job in jobs:
-            print(f"{states[job.name]:<8}{job.name}")
+            if job.name in in_runs:  # an earlier version's control, kept: where it is decides its state
+                print(f"{job_state(output_dir, job, at=output_dir / RUNS / job.name):<8}{job.name} (in runs/; "
+                      f"a run without --dry_run moves it to {output_dir / CONTROLS})")
+            else:
+                print(f"{states[job.name]:<8}{job.name}")
         return 0
     if args.report_only and not done:
         # An empty report would look like a result; nothing here was trained by this preset.

@@ -9,7 +9,9 @@ finished and skipped; one without it is what a killed job left and is cleared
 and run again, because DomainBed's train script cannot resume.  Jobs train under the
 sweeps' job lock (``domainbed_fish.run_job``): a directory whose lock a live process
 holds is being trained by someone else (say, a job that outlived a killed earlier
-invocation) and is left alone, with an error saying so.  On Linux a job also ends when
+invocation) and is left alone, with an error saying so; so is one DomainBed's train script
+trains without the lock on this machine (started by hand, or by DomainBed's own launcher;
+recognised from its command line, :mod:`domainbed_fish.lockfile`).  On Linux a job also ends when
 the command that launched it ends, however it ends (:mod:`domainbed_fish.lifetime`).
 
 A job's directory name hashes what the preset passes, not the registry's defaults, so a
@@ -45,7 +47,7 @@ from typing import Any, Literal
 
 from domainbed_fish.lifetime import LAUNCHER_PID_VARIABLE
 from domainbed_fish.locate import import_domainbed
-from domainbed_fish.lockfile import JobLock, holder_pid, is_locked
+from domainbed_fish.lockfile import JobLock, TrainProcesses, holder_pid, is_locked, is_training, unlocked_trainer_pid
 from domainbed_fish.reproduction.presets import TrainJob
 from domainbed_fish.results import read_jsonl, train_error_tail
 from domainbed_fish.run_job import clear_job_dir
@@ -85,16 +87,24 @@ def run_dir(output_dir: Path, job: TrainJob) -> Path:
     return output_dir / (CONTROLS if job.label else RUNS) / job.name
 
 
+def controls_in_runs(output_dir: Path, jobs: Sequence[TrainJob]) -> list[TrainJob]:
+    """The controls an earlier version trained into ``runs/`` that belong in ``controls/``:
+    nothing there yet, and no live process training them where they are."""
+    processes = TrainProcesses()
+    return [job for job in jobs
+            if job.label and (output_dir / RUNS / job.name).is_dir() and not run_dir(output_dir, job).exists()
+            and not is_training(output_dir / RUNS / job.name, processes)]
+
+
 def move_controls_out_of_runs(output_dir: Path, jobs: Sequence[TrainJob]) -> list[Path]:
     """Move the controls an earlier version trained into ``runs/`` to ``controls/`` (kept, not
     retrained); one a live process is training is left where it is.  Returns where they went."""
     moved = []
-    for job in jobs:
-        old, new = output_dir / RUNS / job.name, run_dir(output_dir, job)
-        if job.label and old.is_dir() and not new.exists() and not is_locked(old):
-            new.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(old), str(new))
-            moved.append(new)
+    for job in controls_in_runs(output_dir, jobs):
+        new = run_dir(output_dir, job)
+        new.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(output_dir / RUNS / job.name), str(new))
+        moved.append(new)
     return moved
 
 
@@ -129,19 +139,24 @@ def expected_hparams(job: TrainJob) -> dict[str, Any]:
     return json.loads(json.dumps(resolved))
 
 
-def recorded_hparams(output_dir: Path, job: TrainJob) -> dict[str, Any] | None:
-    """The hyperparameters a finished run was trained with (None: no record to compare)."""
-    path = run_dir(output_dir, job) / "results.jsonl"
+def recorded_hparams(output_dir: Path, job: TrainJob, at: Path | None = None) -> dict[str, Any] | None:
+    """The hyperparameters a finished run was trained with (None: no record to compare).
+    ``at``: the run's directory, when not ``run_dir(output_dir, job)``."""
+    path = (at or run_dir(output_dir, job)) / "results.jsonl"
     records = read_jsonl(path) if path.exists() else []
     return records[0].get("hparams") if records else None
 
 
-def job_state(output_dir: Path, job: TrainJob) -> JobState:
+def job_state(output_dir: Path, job: TrainJob, processes: TrainProcesses | None = None,
+              at: Path | None = None) -> JobState:
     """'done', 'stale' (finished under other hyperparameters than the job resolves now),
-    'running' (a live process holds its lock) or 'to do'."""
-    if not is_done(output_dir, job):
-        return "running" if is_locked(run_dir(output_dir, job)) else "to do"
-    recorded = recorded_hparams(output_dir, job)
+    'running' (a live process holds its lock, or DomainBed's train script trains it without
+    the lock) or 'to do'.  ``processes``: a scan of this machine's train processes to reuse;
+    ``at``: the run's directory, when not ``run_dir(output_dir, job)``."""
+    directory = at or run_dir(output_dir, job)
+    if not (directory / "done").exists():
+        return "running" if is_training(directory, processes) else "to do"
+    recorded = recorded_hparams(output_dir, job, at=directory)
     return "stale" if recorded is not None and recorded != expected_hparams(job) else "done"
 
 
@@ -167,12 +182,15 @@ class JobOutcome:
     error: str | None = None  # the tail of the job's stderr when it failed
 
 
-def still_running(directory: Path) -> str:
-    """The error for a job another live process is training (its lock is held)."""
-    pid = holder_pid(directory)
-    return (f"{directory} is being trained by another process (pid {pid}), for example one left running "
-            f"by an earlier invocation that was killed; nothing was changed there. Let it finish, or stop "
-            f"it (kill {pid}), then run the same command again.")
+def still_running(directory: Path, unlocked_pid: int | None = None) -> str:
+    """The error for a job another live process is training: the holder of its lock, or
+    ``unlocked_pid``, DomainBed's train script run on it without the lock."""
+    pid = holder_pid(directory) if unlocked_pid is None else unlocked_pid
+    example = ("DomainBed's train script run on it directly" if unlocked_pid is not None
+               else "one left running by an earlier invocation that was killed")
+    return (f"{directory} is being trained by another process (pid {pid}), for example {example}; "
+            f"nothing was changed there. Let it finish, or stop it (kill {pid}), then run the same "
+            f"command again.")
 
 
 def _job_env(threads: int) -> dict[str, str]:
@@ -252,6 +270,9 @@ def run_job(output_dir: Path, job: TrainJob, threads: int, runner: JobRunner | N
     try:
         if (directory / "done").exists():  # another invocation finished it since the plan was made
             return JobOutcome(job, 0.0)
+        pid = unlocked_trainer_pid(directory)
+        if pid is not None:  # DomainBed's train script, started by hand or by its own launcher
+            return JobOutcome(job, 0.0, still_running(directory, pid))
         clear_job_dir(directory)
     finally:
         lock.release()
@@ -285,7 +306,8 @@ def run_jobs(
     (Python's multiprocessing then stops it with a ``RuntimeError`` about the bootstrapping
     phase, and every job fails).  ``runner="subprocess"`` has no such requirement."""
     runner = runner or default_job_runner()
-    states = {job.name: job_state(output_dir, job) for job in jobs}
+    processes = TrainProcesses()
+    states = {job.name: job_state(output_dir, job, processes) for job in jobs}
     for job in jobs:
         if states[job.name] == "stale":
             set_aside(output_dir, job)

@@ -138,16 +138,22 @@ def test_theorem_3_1_fish_follows_idgm_to_second_order():
 
 
 def reference_fish_step(net, batches, order, make_optimizer, epsilon):
-    """Fish as the paper states it: deep copy, fresh inner optimizer, interpolate."""
+    """Fish as the paper states it: deep copy, fresh inner optimizer, interpolate the whole
+    state dict (buffers too, as DomainBed's Fish does).  Returns the mean of the inner
+    losses, the ``loss`` the plugin reports (README)."""
     inner = copy.deepcopy(net)
     optimizer = make_optimizer(inner.parameters())
+    losses = []
     for i in order:
         x, y = batches[i]
         optimizer.zero_grad()
-        F.cross_entropy(inner(x), y).backward()
+        loss = F.cross_entropy(inner(x), y)
+        loss.backward()
         optimizer.step()
+        losses.append(loss.item())
     inner_state = inner.state_dict()
     net.load_state_dict({k: v + epsilon * (inner_state[k] - v) for k, v in net.state_dict().items()})
+    return sum(losses) / len(losses)
 
 
 @pytest.mark.parametrize(
@@ -172,10 +178,27 @@ def test_matches_reference_with_fresh_inner_optimizer_and_random_order(
     schedule = torch.Generator().manual_seed(0)
     for _ in range(6):
         order = domain_schedule(4, 3, True, schedule)
-        updater.step(batches)
-        reference_fish_step(reference, batches, order, make_optimizer, fish_epsilon(0.3, 3, epsilon_rule))
+        loss = updater.step(batches)["loss"]
+        assert loss == pytest.approx(
+            reference_fish_step(reference, batches, order, make_optimizer, fish_epsilon(0.3, 3, epsilon_rule)),
+            rel=1e-12)
     for p, q in zip(ours.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 0.3])  # 0.5: the fused path for powers of two
+def test_batchnorm_statistics_are_interpolated_like_the_weights(epsilon):
+    """θ ← θ + ε(θ̃ − θ) covers the buffers as DomainBed's state-dict arithmetic does: the
+    running statistics of BatchNorm (a ResNet's) move with the inner loop's, not stay put."""
+    batches = domain_minibatches()
+    ours, reference = batchnorm_net(), batchnorm_net()
+    updater = FishUpdater(ours, fish_config(meta_lr=epsilon, fish_reload_inner_state=False, gip_every=0))
+    for _ in range(3):
+        updater.step(batches)
+        reference_fish_step(reference, batches, range(len(batches)), lambda p: torch.optim.Adam(p, lr=1e-3), epsilon)
+    for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert ours[1].running_mean.abs().min() > 1e-3  # the statistics did move from their initial zeros
 
 
 def test_inner_optimizer_state_carries_over_or_not():

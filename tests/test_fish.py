@@ -157,23 +157,23 @@ def reference_fish_step(net, batches, order, make_optimizer, epsilon):
 
 
 @pytest.mark.parametrize(
-    "name, momentum, make_optimizer, epsilon_rule",
+    "name, momentum, weight_decay, make_optimizer, epsilon_rule",
     [
-        ("adam", 0.9, lambda p: torch.optim.Adam(p, lr=1e-2), "meta_lr"),
-        ("adam", 0.0, lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.0, 0.999)), "meta_lr"),
-        ("amsgrad", 0.9, lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True), "meta_lr/meta_steps"),
-        ("sgd", 0.9, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9), "meta_lr/meta_steps"),
+        ("adam", 0.9, 0.0, lambda p: torch.optim.Adam(p, lr=1e-2), "meta_lr"),
+        ("adam", 0.0, 0.1, lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.0, 0.999), weight_decay=0.1), "meta_lr"),
+        ("amsgrad", 0.9, 0.0, lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True), "meta_lr/meta_steps"),
+        ("sgd", 0.9, 0.1, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, weight_decay=0.1), "meta_lr/meta_steps"),
     ],
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_matches_reference_with_fresh_inner_optimizer_and_random_order(
-    name, momentum, make_optimizer, epsilon_rule, device,
+    name, momentum, weight_decay, make_optimizer, epsilon_rule, device,
 ):
     batches = domain_minibatches(num_domains=4, device=device)
     ours, reference = tiny_net(device=device), tiny_net(device=device)
     config = fish_config(fish_inner_optimizer=name, fish_inner_momentum=momentum, lr=1e-2, meta_lr=0.3,
-                         fish_reload_inner_state=False, fish_random_order=True, meta_steps=3,
-                         fish_epsilon=epsilon_rule, num_domains=4)
+                         weight_decay=weight_decay, fish_reload_inner_state=False, fish_random_order=True,
+                         meta_steps=3, fish_epsilon=epsilon_rule, num_domains=4)
     updater = FishUpdater(ours, config, seed=0)
     schedule = torch.Generator().manual_seed(0)
     for _ in range(6):

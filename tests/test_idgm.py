@@ -107,15 +107,16 @@ def test_anneal_zero_starts_with_penalty_and_no_reset():
 
 
 def test_step_is_the_optimizer_applied_to_the_exact_gradient():
+    """SGD without momentum, with weight decay λ: θ ← θ − lr(∇L_idgm + λθ)."""
     net, batches = tiny_net(), domain_minibatches()
     before = [p.detach().clone() for p in net.parameters()]
     expected = idgm_gradient(per_domain_losses(net, batches), list(net.parameters()), GAMMA).grads
     updater = IDGMUpdater(net, idgm_config(idgm_gamma=GAMMA, idgm_penalty_anneal_iters=0, idgm_optimizer="sgd", lr=0.1,
-                                       idgm_penalty_bound=INF))
+                                       idgm_penalty_bound=INF, weight_decay=0.05))
     updater.optimizer.param_groups[0]["momentum"] = 0.0
     updater.step(batches)
     for p, b, g in zip(net.parameters(), before, expected):
-        torch.testing.assert_close(p.detach(), b - 0.1 * g)
+        torch.testing.assert_close(p.detach(), b - 0.1 * (g + 0.05 * b))
 
 
 @pytest.mark.parametrize("bound", [0.05, 0.5, 1e6])

@@ -337,9 +337,12 @@ def test_a_non_finite_step_leaves_batchnorm_statistics_as_they_were(make_updater
     assert torch.isfinite(net.eval()(batches[0][0])).all()
 
 
-def test_checkpoint_resumes_identically():
+@pytest.mark.parametrize("warmup_steps", [0, 5], ids=["fish", "mid-warm-up"])
+def test_checkpoint_resumes_identically(warmup_steps):
+    """Saved after 3 steps, resumed for 3: with a warm-up of 5 that resumes the warm-up's own
+    optimizer (its moments) and then crosses into Fish."""
     batches = domain_minibatches(num_domains=4)
-    config = fish_config(fish_random_order=True, meta_steps=3, num_domains=4)
+    config = fish_config(fish_random_order=True, meta_steps=3, num_domains=4, fish_warmup_steps=warmup_steps)
     assert_resumes_identically(FishUpdater(tiny_net(), config, seed=3),
                                FishUpdater(tiny_net(seed=9), config, seed=123), batches, 3, 3)
 

@@ -194,6 +194,13 @@ def test_bound_in_the_optimizer_metric_makes_adams_step_descend_the_erm_loss():
     assert worst["euclidean"] < 1 - rho  # the Euclidean bound does not give this guarantee
 
 
+def brute_force_metric_gip(grads, weights):
+    """mean_{i<j} Σ W·G_i·G_j with the pairs enumerated one by one."""
+    pairs = [sum((w * a * b).sum() for w, a, b in zip(weights, grads[i], grads[j]))
+             for i, j in itertools.combinations(range(len(grads)), 2)]
+    return torch.stack(pairs).mean()
+
+
 def _positive_weights(params, seed=3):
     g = torch.Generator().manual_seed(seed)
     return [(torch.rand(p.shape, generator=g, dtype=p.dtype) * 2 + 0.1).to(p.device) for p in params]
@@ -207,9 +214,7 @@ def test_metric_gip_gradient_matches_brute_force_pairs(num_domains, device):
     weights = _positive_weights(params)
     losses = per_domain_losses(net, batches)
     grads = per_domain_gradients(losses, params, create_graph=True)
-    pairs = [sum((w * a * b).sum() for w, a, b in zip(weights, grads[i], grads[j]))
-             for i, j in itertools.combinations(range(num_domains), 2)]
-    brute_gip = torch.stack(pairs).mean()
+    brute_gip = brute_force_metric_gip(grads, weights)
     expected = torch.autograd.grad(torch.stack(losses).mean() - GAMMA * brute_gip, params)
 
     result = idgm_gradient(per_domain_losses(net, batches), params, GAMMA, gip_metric=lambda mean: weights)
@@ -269,6 +274,41 @@ def test_fish_with_a_preconditioned_inner_step_follows_the_metric_gip():
     euclidean_ratio = residual(alpha, False) / residual(alpha / 2, False)
     assert 6.5 < metric_ratio < 9.5  # O(α³): halving α divides the residual by about 8
     assert 3.0 < euclidean_ratio < 4.8  # O(α²): the Euclidean Ĝ misses a second-order term
+
+
+@pytest.mark.parametrize(("bound_metric", "gip_metric"), [("optimizer", "euclidean"), ("euclidean", "optimizer")])
+def test_update_reports_and_applies_the_values_of_their_definitions(bound_metric, gip_metric):
+    """One bounded update recomputed from the definitions, at Adam's second step (its W is then
+    not a multiple of 1/|Ḡ|): ``nll`` = mean cross-entropy; ``gip`` = Ĝ (in W with
+    ``idgm_gip_metric="optimizer"``); ``penalty_weight`` = min(γ, ρ‖Ḡ‖/‖∇Ĝ‖) (norms in W
+    with ``idgm_bound_metric="optimizer"``); ``loss`` = nll − penalty_weight·gip; the gradient
+    handed to the optimizer = Ḡ − penalty_weight·∇Ĝ."""
+    rho = 0.05
+    net, batches = tiny_net(), domain_minibatches(num_domains=3)
+    params = list(net.parameters())
+    updater = IDGMUpdater(net, idgm_config(idgm_gamma=GAMMA, idgm_penalty_anneal_iters=0, idgm_penalty_bound=rho,
+                                           idgm_bound_metric=bound_metric, idgm_gip_metric=gip_metric))
+    updater.step(batches)
+
+    losses = per_domain_losses(net, batches)
+    grads = per_domain_gradients(losses, params, create_graph=True)
+    mean = [torch.stack(g).mean(0).detach() for g in zip(*grads)]
+    adam_metric = step_metric(updater.optimizer, params, mean)
+    gip = brute_force_metric_gip(grads, adam_metric) if gip_metric == "optimizer" else brute_force_gip(grads)
+    gip_grad = torch.autograd.grad(gip, params)
+    weights = adam_metric if bound_metric == "optimizer" else [torch.ones_like(p) for p in params]
+    norm = lambda ts: sum((w * t * t).sum() for w, t in zip(weights, ts)).sqrt().item()  # noqa: E731
+    gamma = min(GAMMA, rho * norm(mean) / norm(gip_grad))
+    assert gamma < GAMMA / 2  # the bound is active
+    nll = torch.stack(losses).mean().item()
+
+    stats = updater.step(batches)
+    assert stats["nll"] == pytest.approx(nll, rel=1e-12)
+    assert stats["gip"] == pytest.approx(gip.item(), rel=1e-10)
+    assert stats["penalty_weight"] == pytest.approx(gamma, rel=1e-9)
+    assert stats["loss"] == pytest.approx(nll - gamma * gip.item(), rel=1e-10)
+    for p, m, g in zip(params, mean, gip_grad):
+        torch.testing.assert_close(p.grad, m - gamma * g, rtol=1e-9, atol=1e-12)
 
 
 def test_runs_saved_before_the_bound_metric_existed_keep_the_euclidean_bound():

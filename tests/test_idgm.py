@@ -23,7 +23,7 @@ from domainbed_fish.errors import NonFiniteLossError
 from domainbed_fish.gradients import per_domain_gradients, per_domain_losses
 from domainbed_fish.hparams import IDGM_HPARAMS, IDGMConfig
 from domainbed_fish.idgm import IDGMUpdater, idgm_gradient, idgm_objective, metric_gip
-from domainbed_fish.optim import step_metric
+from domainbed_fish.optim import apply_to_state_, step_metric
 
 GAMMA = 0.7
 INF = float("inf")
@@ -165,6 +165,21 @@ def test_step_metric_of_sgd_is_the_identity():
     net = tiny_net()
     params = list(net.parameters())
     assert step_metric(torch.optim.SGD(params, lr=0.1, momentum=0.9), params, [torch.ones_like(p) for p in params]) is None
+
+
+def test_a_conversion_of_the_optimizer_state_leaves_step_counts_alone():
+    """``apply_to_state_`` converts Adam's moments as a module conversion converts weights, but
+    not its step counts: a float16 count would stop at 2048 and stall the bias correction."""
+    params = list(tiny_net().parameters())
+    opt = torch.optim.Adam(params, lr=0.01)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    steps = [state["step"].clone() for state in opt.state.values()]
+    apply_to_state_(opt, lambda t: t.half())
+    for state, step in zip(opt.state.values(), steps, strict=True):
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float16
+        assert state["step"].dtype == step.dtype and torch.equal(state["step"], step)
 
 
 def test_bound_in_the_optimizer_metric_makes_adams_step_descend_the_erm_loss():

@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 import torch
-from conftest import domain_minibatches, tiny_net
+from conftest import domain_minibatches, idgm_config, tiny_net
+from torch import nn
 
 from domainbed_fish.gradients import (
     gradient_inner_product,
@@ -14,6 +15,7 @@ from domainbed_fish.gradients import (
     per_domain_gradients,
     per_domain_losses,
 )
+from domainbed_fish.idgm import IDGMUpdater
 
 
 def brute_force_gip(grads) -> torch.Tensor:
@@ -49,3 +51,22 @@ def test_measured_on_a_network_matches_double_loop():
     measured = gradient_inner_product(net, batches)
     torch.testing.assert_close(measured, brute_force_gip(grads))
     assert all(p.grad is None for p in params), "measuring must not accumulate .grad"
+
+
+def test_frozen_parameters_are_left_out_and_unused_ones_get_zero_gradients():
+    """Ĝ is measured over the trainable parameters (a frozen layer, as in a frozen featurizer,
+    is skipped, not an autograd error); a parameter no loss depends on gets a zero gradient,
+    and IDGM's update then trains the rest and leaves both alone."""
+    net, batches = tiny_net(), domain_minibatches(num_domains=3)
+    net[0].requires_grad_(False)
+    net.register_parameter("unused", nn.Parameter(torch.ones(3, dtype=torch.float64)))  # Sequential never calls it
+    trainable = [net[2].weight, net[2].bias]
+    grads = per_domain_gradients(per_domain_losses(net, batches), trainable)
+    torch.testing.assert_close(gradient_inner_product(net, batches), brute_force_gip(grads))
+    for (g,) in per_domain_gradients(per_domain_losses(net, batches), [net.unused]):
+        assert torch.equal(g, torch.zeros(3, dtype=torch.float64))
+
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    IDGMUpdater(net, idgm_config(idgm_gamma=0.7, idgm_penalty_anneal_iters=0)).step(batches)
+    after = net.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == ["2.weight", "2.bias"]

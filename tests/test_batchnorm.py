@@ -82,6 +82,20 @@ def test_mode_takes_train_mode_batchnorm_only():
     assert type(layer.train()(x).grad_fn).__name__ == "NativeBatchNormBackward0"  # outside: PyTorch's
 
 
+def test_mode_keeps_a_layers_momentum_and_eps():
+    """A layer's own momentum and eps reach the routed batch norm: its values and running
+    statistics are PyTorch's (the defaults 0.1 and 1e-5 would hide a dropped argument)."""
+    x = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
+    layers = [nn.BatchNorm1d(3, momentum=0.6, eps=0.5).double() for _ in range(2)]
+    expected = layers[0](x)
+    with cheap_double_backward():
+        routed = layers[1](x)
+    assert type(routed.grad_fn).__name__ == "_BatchNormTrainBackward"
+    torch.testing.assert_close(routed, expected, rtol=0, atol=0)
+    for (name, a), b in zip(layers[1].state_dict().items(), layers[0].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_one_value_per_channel_is_pytorchs_error():
     with cheap_double_backward(), pytest.raises(ValueError, match="more than 1 value per channel"):
         nn.BatchNorm1d(3)(torch.randn(1, 3))

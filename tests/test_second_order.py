@@ -3,6 +3,7 @@ and the context that routes a network's layers to them inside IDGM's step."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -168,6 +169,44 @@ def test_context_routes_layers_and_leaves_the_rest_to_pytorch():
     assert [type(t.grad_fn).__name__ for t in unrouted] == [
         "ConvolutionBackward0", "SqueezeBackward1", "TanhBackward0"]
     assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"  # outside: PyTorch's
+
+
+def test_routed_convolutions_keep_their_geometry():
+    """Stride, padding, dilation and groups reach the routed convolution, from a module's
+    positional call and from keywords: the values are PyTorch's (a dropped dilation would
+    change only the output's size, which a pooling layer hides)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 9, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2).double()
+    geometry = dict(stride=(1, 2), padding=(3, 1), dilation=(3, 1), groups=2)
+    expected = [conv(x), F.conv2d(x, conv.weight, conv.bias, **geometry)]
+    with cheap_double_backward():
+        routed = [conv(x), F.conv2d(x, conv.weight, conv.bias, **geometry)]
+    for a, e in zip(routed, expected, strict=True):
+        assert type(a.grad_fn).__name__ == "_ConvolutionBackward"
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_routed_inplace_relu_overwrites_its_input_as_pytorchs_does():
+    """``nn.ReLU(inplace=True)`` inside the mode rectifies its input tensor itself, and a later
+    use of that tensor differentiates through the ReLU, to second order, as PyTorch's does."""
+    gen = torch.Generator().manual_seed(0)
+    x0, w0 = (torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randn(5, 4, generator=gen, dtype=torch.float64))
+
+    def run(routed):
+        w = w0.clone().requires_grad_()
+        with cheap_double_backward() if routed else contextlib.nullcontext():
+            h = x0 @ w
+            nn.ReLU(inplace=True)(h)  # result unused: h itself is rectified
+            # sin: its derivative is 1, not 0, where the ReLU zeroed h, so the mask matters.
+            (grad,) = torch.autograd.grad((h.sin() + h * h).sum(), w, create_graph=True)
+        return [h.detach(), grad, *torch.autograd.grad(grad.sin().sum(), w)]
+
+    expected = run(False)
+    assert (expected[0] == 0).any()
+    for a, e in zip(run(True), expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
 def _conv_net(seed=0, device="cpu"):

@@ -314,6 +314,9 @@ def test_non_finite_loss_names_step_and_domain_and_keeps_weights():
         assert torch.equal(v, before[k])
     updater.step(batches)  # recovers: the next good step trains normally
     assert all(torch.isfinite(p).all() for p in net.parameters())
+    # In another domain order the error still names the domain, not its place in the order.
+    with pytest.raises(NonFiniteLossError, match=r"at update step 2 on training domain 1"):
+        updater.step(bad, order=[2, 0, 1])
 
 
 @pytest.mark.parametrize("make_updater", [

@@ -48,6 +48,24 @@ def test_gradient_matches_brute_force_pairs(num_domains, device):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_gradient_of_losses_linear_in_a_parameter_matches_brute_force_pairs():
+    """``idgm_gradient`` takes any per-domain losses: where a loss is linear in a parameter,
+    that parameter's G_s is a constant with no graph (autograd would refuse to seed it), and
+    its part of ∇Ĝ is zero."""
+    net, batches = tiny_net(), domain_minibatches(num_domains=3)
+    offset = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    params = [*net.parameters(), offset]
+
+    def losses():
+        return [loss + (offset * x.mean(0)).sum() for loss, (x, _) in zip(per_domain_losses(net, batches), batches)]
+
+    grads = per_domain_gradients(losses(), params, create_graph=True)
+    assert not grads[0][-1].requires_grad  # the constant G_s of the linear term
+    expected = torch.autograd.grad(torch.stack(losses()).mean() - GAMMA * brute_force_gip(grads), params)
+    for a, b in zip(idgm_gradient(losses(), params, GAMMA).grads, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradient_matches_finite_differences(device):
     net, batches = tiny_net(device=device), domain_minibatches(num_domains=3, device=device)

@@ -33,6 +33,23 @@ class DomainBedNotFoundError(ImportError):
     """DomainBed cannot be imported; the message says how to provide it."""
 
 
+class DomainBedDependencyError(DomainBedNotFoundError):
+    """DomainBed was found, but one of the modules it imports is not installed."""
+
+
+def _missing_dependency(exc: ModuleNotFoundError) -> DomainBedDependencyError:
+    package = sys.modules.get("domainbed")
+    where = f" at {Path(package.__file__).resolve().parents[1]}" if getattr(package, "__file__", None) else ""
+    if (exc.name or "").startswith("domainbed."):
+        fix = (f"this checkout lacks DomainBed's module '{exc.name}': use DomainBed at the tested commit "
+               f"{TESTED_COMMIT[:7]} (git -C <checkout> checkout {TESTED_COMMIT[:7]})")
+    else:
+        fix = (f"install DomainBed's requirements into this Python ({sys.executable}): "
+               "pip install 'domainbed-fish[domainbed]' (wilds, timm, tqdm, parameterized, matplotlib), "
+               f"or the package that provides '{exc.name}'")
+    return DomainBedDependencyError(f"DomainBed was found{where} but cannot be imported: {exc}. To fix it, {fix}.")
+
+
 def domainbed_dir_from_env() -> Path | None:
     """The checkout named by ``DOMAINBED_DIR``, validated, or ``None`` if unset."""
     value = os.environ.get(ENV_VAR)
@@ -52,14 +69,16 @@ def import_domainbed(submodule: str = "") -> ModuleType:
     """Import ``domainbed`` (or ``domainbed.<submodule>``), using ``DOMAINBED_DIR`` if needed.
 
     Raises:
-        DomainBedNotFoundError: with instructions, when DomainBed cannot be found.
+        DomainBedNotFoundError: with instructions, when DomainBed cannot be found;
+            :class:`DomainBedDependencyError`, a subclass, when it is found but a module
+            it imports is not installed.
     """
     name = "domainbed" + (f".{submodule}" if submodule else "")
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name not in ("domainbed", name):
-            raise  # DomainBed is there but one of its own dependencies is missing
+            raise _missing_dependency(exc) from exc  # DomainBed is there, a module it imports is not
         root = domainbed_dir_from_env()
         if root is None:
             raise DomainBedNotFoundError(MISSING_MESSAGE) from None
@@ -71,7 +90,7 @@ def import_domainbed(submodule: str = "") -> ModuleType:
         except ModuleNotFoundError as exc2:
             if exc2.name in ("domainbed", name):
                 raise DomainBedNotFoundError(MISSING_MESSAGE) from None
-            raise
+            raise _missing_dependency(exc2) from exc2
 
 
 def domainbed_available() -> bool:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from domainbed_fish.allocator import reuse_freed_memory
 from domainbed_fish.lifetime import end_with_launcher
+from domainbed_fish.locate import DomainBedNotFoundError, import_domainbed
 from domainbed_fish.lockfile import LOCK_NAME, JobLock, holder_pid, unlocked_trainer_pid
 
 #: Printed (with the job directory) when a job is skipped because another process runs it.
@@ -55,7 +56,16 @@ def clear_job_dir(job_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Train the job described by ``argv`` (DomainBed ``train`` arguments) unless it is
-    done or running elsewhere; return the exit status."""
+    done or running elsewhere; return the exit status.  Without DomainBed (or without one of
+    its dependencies) it says so and how to fix it, and exits with status 2."""
+    try:
+        return _main(argv)
+    except DomainBedNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     end_with_launcher()
     reuse_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -70,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True)
     known, _ = parser.parse_known_args(argv)
     job_dir = Path(known.output_dir)
+    import_domainbed()  # DomainBed's (empty) package: no job directory is made for a job that cannot run
 
     lock = JobLock(job_dir)
     if not lock.acquire():

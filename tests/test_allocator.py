@@ -75,6 +75,7 @@ def test_run_job_applies_the_policy_before_training(monkeypatch, tmp_path):
     events: list[str] = []
     monkeypatch.setattr(run_job, "reuse_freed_memory", lambda: events.append("policy") or True)
     monkeypatch.setattr(domainbed_fish, "register", lambda: None)
+    monkeypatch.setattr(run_job, "import_domainbed", lambda: None)
     monkeypatch.setattr(runpy, "run_module", lambda name, **kwargs: events.append(name))
     assert run_job.main(["--output_dir", str(tmp_path / "job")]) == 0
     assert events == ["policy", "domainbed.scripts.train"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import PYTHON, requires_domainbed, subprocess_env
@@ -71,3 +72,63 @@ def test_startup_line_is_silent_when_the_package_is_gone():
     code = f"import os, sys; os.environ.pop('DOMAINBED_FISH_AUTOLOAD'); sys.modules['domainbed_fish'] = None\n{line}\nprint('ok')"
     out = run_python(code, DOMAINBED_FISH_AUTOLOAD="0")
     assert (out.stdout.strip(), out.stderr) == ("ok", "")
+
+
+# ----------------------------------------------------------------------------- entry points without DomainBed
+
+#: The package's commands of the README, each with the arguments a user types first, and the
+#: files or directories it must not leave in the working directory when it cannot run.
+ENTRY_POINTS = {
+    "reproduction": (["-m", "domainbed_fish.reproduction", "--quick", "--output_dir", "smoke"], "smoke"),
+    "sweep": (["-m", "domainbed_fish.sweep", "dry_run", "--preset", "cpu_quick", "--output_dir", "out"], "out"),
+    "run_job": (["-m", "domainbed_fish.run_job", "--output_dir", "job", "--algorithm", "Fish",
+                 "--dataset", "LinearToy", "--test_envs", "2"], "job"),
+}
+
+
+def stub_checkout_missing_a_dependency(root: Path) -> Path:
+    """A stand-in for a DomainBed checkout whose modules import a package that is not
+    installed, as DomainBed's import wilds, timm, ... (none of DomainBed's code)."""
+    package = root / "domainbed"
+    (package / "lib").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "lib" / "__init__.py").write_text("")
+    for module in ("algorithms", "datasets", "hparams_registry", "networks", "command_launchers",
+                   "lib/fast_data_loader", "lib/reporting"):
+        (package / f"{module}.py").write_text("import a_dependency_that_is_not_installed  # noqa\n")
+    return root
+
+
+SITUATIONS = {
+    # DOMAINBED_DIR (None: unset, with DomainBed not importable) -> what the message must say
+    "unset": (None, ["DomainBed was not found", f"{ENV_VAR}=/path/to/DomainBed"]),
+    "wrong_path": ("does-not-exist", ["does not point at a DomainBed checkout", "does-not-exist"]),
+    "not_domainbed": (".", ["does not point at a DomainBed checkout", "folder that contains 'domainbed/'"]),
+    "dependency_missing": ("stub", ["DomainBed was found", "a_dependency_that_is_not_installed",
+                                    "pip install 'domainbed-fish[domainbed]'"]),
+}
+
+
+@pytest.mark.parametrize("situation", sorted(SITUATIONS))
+@pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
+def test_entry_points_without_domainbed_name_the_problem_and_the_fix(tmp_path, entry_point, situation):
+    args, output = ENTRY_POINTS[entry_point]
+    where, expected = SITUATIONS[situation]
+    work = tmp_path / "work"
+    work.mkdir()
+    env = subprocess_env()
+    env.pop(ENV_VAR, None)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # the plugin, never DomainBed
+    if where == "stub":
+        env[ENV_VAR] = str(stub_checkout_missing_a_dependency(tmp_path / "DomainBed"))
+    elif where is not None:
+        env[ENV_VAR] = str(tmp_path / where)
+    elif subprocess.run([PYTHON, "-c", "import domainbed"], env=env, cwd=work, capture_output=True).returncode == 0:
+        pytest.skip("DomainBed is importable without DOMAINBED_DIR in this environment")
+    out = subprocess.run([PYTHON, *args], capture_output=True, text=True, env=env, cwd=work, timeout=300)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr
+    for phrase in expected:
+        assert phrase in out.stderr, out.stderr
+    if situation != "dependency_missing":  # found missing before anything is written
+        assert not (work / output).exists()

@@ -412,7 +412,7 @@ def find_missing(input_dir: Path, tables: list[Table], runs) -> list[str]:
             missing.append(f"{len(jobs)} of {total} jobs {state}: " + "; ".join(jobs[:10])
                            + (f"; … {len(jobs) - 10} more" if len(jobs) > 10 else ""))
         if pending:
-            missing.append(f"finish them with: python -m sweeps launch --output_dir {input_dir} "
+            missing.append(f"finish them with: domainbed-fish-sweep launch --output_dir {input_dir} "
                            "(with the sweep's options)")
     else:
         unfinished = [r for r in runs if not r.done]

@@ -61,7 +61,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 warnings.warn(f"{path}:{lineno}: malformed results line skipped ({exc.msg}); a job killed "
-                              "while writing leaves one. Such a job has no 'done': `python -m sweeps launch` "
+                              "while writing leaves one. Such a job has no 'done': `domainbed-fish-sweep launch` "
                               "retrains it, DomainBed's own sweep after its delete_incomplete",
                               MalformedResultsWarning, stacklevel=2)
                 continue

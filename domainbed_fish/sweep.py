@@ -143,9 +143,22 @@ def _sweep_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="status: list every job")
 
 
+def invoked_as() -> str:
+    """The command as the user started it, for usage lines and the manifest.
+
+    ``python -m sweeps`` works only from the repository's root, so an installed package's
+    user who ran ``domainbed-fish-sweep`` or ``python -m domainbed_fish.sweep`` is shown that."""
+    script = Path(sys.argv[0])
+    if script.name == "__main__.py" and script.parent.name == "sweeps":
+        return "python -m sweeps"
+    if script.name == "sweep.py" and script.parent.name == "domainbed_fish":
+        return "python -m domainbed_fish.sweep"
+    return "domainbed-fish-sweep"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (one sub-command per action)."""
-    parser = argparse.ArgumentParser(prog="python -m sweeps", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=invoked_as(), description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [("launch", "train the jobs that are not done"),
@@ -609,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    command_line = ["python -m sweeps", *(sys.argv[1:] if argv is None else argv)]
+    command_line = [invoked_as(), *(sys.argv[1:] if argv is None else argv)]
     if args.command == "report":
         from domainbed_fish.report import write_report
 

@@ -560,7 +560,7 @@ def test_sweep_status_and_manifest(shared_sweep, capsys):
     assert "commit" in manifest["domainbed"]
     assert len(manifest["jobs"]) == 6 and {p.name for p in _done_dirs(out)} == set(manifest["jobs"])
     assert {a["algorithm"] for a in manifest["jobs"].values()} == {"ERM", "Fish"}
-    assert len(manifest["launches"]) == 2 and manifest["launches"][0]["argv"][:2] == ["python -m sweeps", "launch"]
+    assert len(manifest["launches"]) == 2 and manifest["launches"][0]["argv"][:2] == ["python -m domainbed_fish.sweep", "launch"]
 
 
 @requires_domainbed
@@ -929,6 +929,38 @@ def test_sweep_without_domainbed_says_how_to_get_it(tmp_path):
     if proc.returncode == 0:
         pytest.skip("DomainBed is importable without DOMAINBED_DIR here")
     assert proc.stderr.startswith("error: DomainBed was not found.") and "DOMAINBED_DIR" in proc.stderr
+
+
+def test_usage_names_the_command_as_started_not_one_that_works_only_in_the_repository(tmp_path):
+    """``python -m sweeps`` needs the repository's root as the working directory; an installed
+    package's user outside it must be shown a command that works where they are."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO)
+    started = {"python -m domainbed_fish.sweep": ([PYTHON, "-m", "domainbed_fish.sweep"], tmp_path),
+               "python -m sweeps": ([PYTHON, "-m", "sweeps"], REPO)}
+    script = Path(PYTHON).parent / "domainbed-fish-sweep"  # the console script, where installed
+    if script.is_file():
+        started["domainbed-fish-sweep"] = ([str(script)], tmp_path)
+    for name, (command, cwd) in started.items():
+        for argv in (["--help"], ["launch", "--help"]):
+            proc = subprocess.run([*command, *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            assert proc.stdout.startswith(f"usage: {name} "), proc.stdout[:200]
+
+
+def test_hints_name_the_installed_command(tmp_path):
+    """What the malformed-line warning and the report's Missing section tell the user to run."""
+    from domainbed_fish.report import find_missing
+
+    job = tmp_path / "job0"
+    job.mkdir()
+    (job / "results.jsonl").write_text('{"args": {"dataset": "Debug28"')  # a truncated line
+    (tmp_path / "sweep_manifest.json").write_text(json.dumps({"jobs": {
+        "job0": {"dataset": "Debug28", "algorithm": "Fish", "test_envs": [0], "hparams_seed": 0, "trial_seed": 0}}}))
+    with pytest.warns(MalformedResultsWarning, match="`domainbed-fish-sweep launch` retrains it"):
+        read_jsonl(job / "results.jsonl")
+    assert f"finish them with: domainbed-fish-sweep launch --output_dir {tmp_path} (with the sweep's options)" \
+        in find_missing(tmp_path, [], [])
 
 
 def test_visible_gpus_reads_cuda_visible_devices_as_written(monkeypatch):

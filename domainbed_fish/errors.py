@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+
+
+def missing_plotting_library() -> bool:
+    """Whether matplotlib, which draws the figures and plots, cannot be imported; checked
+    before any work is done, so that a run does not end in an ImportError after it."""
+    return importlib.util.find_spec("matplotlib") is None
 
 
 class NonFiniteLossError(FloatingPointError):

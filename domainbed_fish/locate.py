@@ -23,7 +23,7 @@ MISSING_MESSAGE = (
     "DomainBed was not found. domainbed-fish is a plugin for Facebook's DomainBed, "
     "which is not on PyPI. Clone it (https://github.com/facebookresearch/DomainBed; "
     f"tested at commit {TESTED_COMMIT[:7]}), install its requirements "
-    "(torch, torchvision, wilds, timm, tqdm, parameterized), then either run from the "
+    "(pip install 'domainbed-fish[domainbed]': wilds, timm, tqdm, parameterized, matplotlib), then either run from the "
     f"checkout's root or set {ENV_VAR}=/path/to/DomainBed (the folder that contains "
     "'domainbed/')."
 )

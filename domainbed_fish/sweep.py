@@ -624,7 +624,12 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     command_line = [invoked_as(), *(sys.argv[1:] if argv is None else argv)]
     if args.command == "report":
+        from domainbed_fish.errors import missing_plotting_library
         from domainbed_fish.report import write_report
+
+        if not args.no_plots and missing_plotting_library():
+            raise SystemExit("error: the report's plots need matplotlib, which is not installed: "
+                             "pip install 'domainbed-fish[plots]', or pass --no_plots")
 
         try:
             selection = parse_selection(args.selection)

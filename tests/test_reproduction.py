@@ -169,6 +169,19 @@ def test_ctrl_c_ends_the_command_with_what_to_do_not_a_traceback(domainbed, tmp_
         "interrupted: finished jobs are kept; run the same command again to finish the rest\n")
 
 
+def test_missing_matplotlib_stops_the_command_before_any_job_not_at_the_report(
+        domainbed, tmp_path, monkeypatch, capsys):
+    """The figures need matplotlib (the [domainbed] extra); without it the command says so at
+    once instead of training every job and then failing with an ImportError."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails, as when absent
+    monkeypatch.setattr(reproduction_main, "run_jobs", lambda *args, **kwargs: pytest.fail("jobs were run"))
+    assert reproduction_main.main(["--quick", "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "matplotlib" in err and "pip install 'domainbed-fish[domainbed]'" in err
+    assert not (tmp_path / "out").exists()
+    assert reproduction_main.main(["--quick", "--dry_run", "--output_dir", str(tmp_path / "out")]) == 0  # lists jobs
+
+
 def test_steps_recorded_reads_the_last_complete_checkpoint_line(tmp_path):
     job = TrainJob("CdSprites5", "ERM", 0, 5, 251, 50)
     assert jobs_module.steps_recorded(tmp_path, job) == 0  # not started

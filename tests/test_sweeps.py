@@ -948,6 +948,16 @@ def test_usage_names_the_command_as_started_not_one_that_works_only_in_the_repos
             assert proc.stdout.startswith(f"usage: {name} "), proc.stdout[:200]
 
 
+def test_report_without_matplotlib_says_so_before_writing_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails, as when absent
+    (tmp_path / "sweep" / "job0").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stopped:
+        sweep_main(capsys, "report", "--input_dir", str(tmp_path / "sweep"), "--report_dir", str(tmp_path / "report"))
+    assert str(stopped.value) == ("error: the report's plots need matplotlib, which is not installed: "
+                                  "pip install 'domainbed-fish[plots]', or pass --no_plots")
+    assert not (tmp_path / "report").exists()
+
+
 def test_hints_name_the_installed_command(tmp_path):
     """What the malformed-line warning and the report's Missing section tell the user to run."""
     from domainbed_fish.report import find_missing

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from domainbed_fish.errors import file_in_the_way
+from domainbed_fish.errors import file_in_the_way, missing_plotting_library
 from domainbed_fish.lockfile import TrainProcesses
 from domainbed_fish.reproduction.jobs import (
     CONTROLS,
@@ -140,6 +140,11 @@ def _main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{states[job.name]:<8}{job.name}")
         return 0
+    if missing_plotting_library():
+        # Found now, not after an hour of training, when the report draws Figures 4 and 5.
+        print("error: the report's figures need matplotlib, which is not installed: "
+              "pip install 'domainbed-fish[domainbed]' (or pip install matplotlib)", file=sys.stderr)
+        return 2
     if args.report_only and not done:
         # An empty report would look like a result; nothing here was trained by this preset.
         print(f"error: --report_only found no finished job of preset {preset.name} under {output_dir / 'runs'}; "

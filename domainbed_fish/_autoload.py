@@ -84,10 +84,13 @@ class _PostImportFinder:
 
 
 def _add_domainbed_dir_to_path() -> None:
-    """Make ``DOMAINBED_DIR`` importable (appended, so an importable checkout wins)."""
+    """Make ``DOMAINBED_DIR`` importable (appended, so an importable checkout wins), read as
+    :mod:`domainbed_fish.locate` reads it: ``~`` expanded, relative to the working directory."""
     root = os.environ.get("DOMAINBED_DIR")
-    if root and root not in sys.path:
-        sys.path.append(root)
+    if root:
+        root = os.path.abspath(os.path.expanduser(root))
+        if root not in sys.path:
+            sys.path.append(root)
 
 
 def install() -> None:

@@ -132,3 +132,22 @@ def test_entry_points_without_domainbed_name_the_problem_and_the_fix(tmp_path, e
         assert phrase in out.stderr, out.stderr
     if situation != "dependency_missing":  # found missing before anything is written
         assert not (work / output).exists()
+
+
+def test_domainbed_dir_with_a_tilde_reaches_domainbeds_own_commands_too(tmp_path):
+    """``export DOMAINBED_DIR="~/DomainBed"`` (quoted: the shell leaves the ~) works for the
+    plugin's commands, which expand it; the start-up hook, which puts the checkout on the
+    path for DomainBed's own ``python -m domainbed.scripts...``, must expand it too."""
+    checkout = tmp_path / "home" / "DomainBed"
+    (checkout / "domainbed").mkdir(parents=True)
+    (checkout / "domainbed" / "__init__.py").write_text("")  # a stand-in checkout, none of DomainBed's code
+    env = subprocess_env()
+    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    code = "import sys, domainbed; print('domainbed_fish._autoload' in sys.modules, domainbed.__file__)"
+    for value in ("~/DomainBed", "DomainBed"):  # relative to the working directory, as the plugin reads it
+        env[ENV_VAR] = value
+        out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path / "home",
+                             timeout=120)
+        if out.stdout.split()[:1] == ["False"]:
+            pytest.skip("the package is not installed (pip install -e .), so its start-up .pth is absent")
+        assert out.stdout.split() == ["True", str(checkout / "domainbed" / "__init__.py")], out.stderr

@@ -92,11 +92,3 @@ def import_domainbed(submodule: str = "") -> ModuleType:
                 raise DomainBedNotFoundError(MISSING_MESSAGE) from None
             raise _missing_dependency(exc2) from exc2
 
-
-def domainbed_available() -> bool:
-    """Whether DomainBed (and its own dependencies) can be imported."""
-    try:
-        import_domainbed("algorithms")
-    except ImportError:
-        return False
-    return True

@@ -506,6 +506,93 @@ def test_an_environment_no_job_reported_is_an_empty_column_not_a_shorter_average
 
 
 @requires_domainbed
+def test_the_columns_of_a_restricted_loo_sweep_are_the_environments_it_holds_out(domainbed, tmp_path):
+    """``--selection loo --test_envs 1`` also launches the pairs {0, 1} and {1, 2}: validation jobs,
+    not columns; environment 0 as a column would be an empty cell reported missing."""
+    from domainbed_fish.manifest import write_manifest
+    from domainbed_fish.report import expected_columns, write_report
+
+    jobs = {f"job{i}": {"dataset": "LinearToy", "algorithm": "ERM", "test_envs": envs, "hparams_seed": 0,
+                        "trial_seed": 0}
+            for i, envs in enumerate(required_test_envs(3, ["loo"], test_envs=[1]))}
+    write_manifest(tmp_path, jobs, {"test_envs": [1], "selection": ["loo"]})
+    assert expected_columns(tmp_path, ["LinearToy", "Debug28"]) == {"LinearToy": [1], "Debug28": [0, 1, 2]}
+    _write_runs(tmp_path, {name: [_record("LinearToy", "ERM", a["test_envs"], 0, [(0.6, 0.6), (0.7, 0.7), (0.8, 0.8)])]
+                           for name, a in jobs.items()})
+    result = write_report(tmp_path, selection=["loo"], plots=False, progress=False)
+    assert [(t.env_names, t.avg["ERM"].trials) for t in result.tables] == [(["domain2"], {0: pytest.approx(0.7)})]
+    assert result.missing == []
+
+
+@requires_domainbed
+def test_report_numbers_are_domainbeds_collect_results_on_the_same_records(domainbed, tmp_path):
+    """Two trials, two hyperparameter samples, every job leave-one-domain-out needs, seeded
+    random accuracies: under each selection method every cell (mean ± SE over trials), every
+    Avg (DomainBed's "Averages" table: the per-trial mean over environments, then mean ± SE
+    over trials) and Δ ERM is what DomainBed's collect_results computes, in the Markdown, the
+    LaTeX and the CSV alike; the selected-hyperparameters table shows the one that varies."""
+    import csv
+    import random
+
+    from domainbed import model_selection
+    from domainbed.lib import reporting
+    from domainbed.lib.query import Q
+    from domainbed.scripts.collect_results import format_mean
+
+    from domainbed_fish.report import write_report
+    from domainbed_fish.selection import SELECTION_METHODS
+
+    rng = random.Random(0)
+    runs = {}
+    for algorithm in ("ERM", "Fish"):
+        for trial in range(2):
+            for hseed in range(2):
+                for envs in required_test_envs(3, ["loo"]):
+                    records = [_record("Debug28", algorithm, envs, step, [(rng.random(), rng.random())] * 3,
+                                       trial=trial, hseed=hseed) for step in (0, 2)]
+                    for r in records:
+                        r["hparams"] = {"lr": (1e-3, 1e-4)[hseed], "batch_size": 8}
+                    runs[f"{algorithm}-t{trial}-h{hseed}-{'-'.join(map(str, envs))}"] = records
+    _write_runs(tmp_path / "sweep", runs)
+    result = write_report(tmp_path / "sweep", tmp_path / "report", plots=False, progress=False)
+    assert [t.selection for t in result.tables] == ["training", "loo", "oracle"] and result.missing == []
+    with open(tmp_path / "report" / "results.csv", newline="") as f:
+        csv_rows = {(r["selection"], r["algorithm"], r["environment"]): r for r in csv.DictReader(f)}
+    tex = (tmp_path / "report" / "report.tex").read_text()
+
+    records = Q([r for rs in runs.values() for r in rs])
+    for table in result.tables:
+        method = getattr(model_selection, SELECTION_METHODS[table.selection])
+        groups = Q([{**g, "sweep_acc": method.sweep_acc(g["records"])}
+                    for g in reporting.get_grouped_records(records)]).filter(lambda g: g["sweep_acc"] is not None)
+        avg, md_cells, tex_cells = {}, {}, {}
+        for algorithm in ("ERM", "Fish"):
+            mine = groups.filter_equals("algorithm", algorithm)
+            md_cells[algorithm], tex_cells[algorithm] = [], []
+            for env, name in enumerate(["0", "1", "2", "Avg"]):
+                accs = (mine.filter_equals("test_env", env).select("sweep_acc") if name != "Avg" else
+                        mine.group("trial_seed").map(lambda _, g: g.select("sweep_acc").mean()))
+                mean, se, text = format_mean(accs, latex=False)
+                cell = table.cells[algorithm][env] if name != "Avg" else table.avg[algorithm]
+                assert cell.stats() == pytest.approx((mean, se)), (table.selection, algorithm, name)
+                assert se > 0.1  # trials that differ: the SE is not 0, so a wrong SE shows
+                row = csv_rows[table.selection, algorithm, name]
+                assert (float(row["mean"]), float(row["se"]), int(row["n_trials"])) == pytest.approx(
+                    (mean, se, 2), abs=1e-4)
+                md_cells[algorithm].append(text.replace("+/-", "±"))
+                tex_cells[algorithm].append(format_mean(accs, latex=True)[2])
+            avg[algorithm] = mean
+        delta = avg["Fish"] - avg["ERM"]
+        assert table.delta("Fish") == pytest.approx(delta)
+        assert float(csv_rows[table.selection, "Fish", "Avg"]["delta_ERM"]) == pytest.approx(delta, abs=1e-4)
+        assert f"| Fish | {' | '.join(md_cells['Fish'])} | {delta:+.1f} |" in result.markdown
+        assert f"| ERM | {' | '.join(md_cells['ERM'])} | +0.0 |" in result.markdown
+        assert f"Fish & {' & '.join(tex_cells['Fish'])} & {delta:+.1f} \\\\" in tex
+    selected = result.markdown.split("## Selected hyperparameters")[1]
+    assert "lr=0.001" in selected and "lr=0.0001" in selected and "batch_size" not in selected
+
+
+@requires_domainbed
 def test_domainbed_collect_results_survives_a_killed_jobs_truncated_line(tmp_path):
     sweep = tmp_path / "sweep"
     rows = {"done": [(0.25, 0.5), (0.5, 0.6), (0.75, 0.7)], "killed": [(0.3, 0.5), (0.6, 0.65), (0.8, 0.75)]}

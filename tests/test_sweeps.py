@@ -58,6 +58,9 @@ def test_selection_names_and_bad_input():
         required_test_envs(2, ["loo"])
     with pytest.raises(ValueError, match=r"--test_envs \[5\]: this dataset has environments 0..2"):
         required_test_envs(3, ["training"], test_envs=[5])
+    for bad in (3, -1):  # one past the end; Python's last
+        with pytest.raises(ValueError, match=rf"--test_envs \[{bad}\]: this dataset has environments 0..2"):
+            required_test_envs(3, ["training"], test_envs=[bad])
 
 
 @requires_domainbed

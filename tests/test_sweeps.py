@@ -393,10 +393,14 @@ def test_malformed_results_line_is_skipped_with_file_and_line(tmp_path):
     path.parent.mkdir()
     good = [_record("Debug28", "ERM", [0], s, [(0.5, 0.5)] * 3) for s in (0, 2)]
     text = json.dumps(good[0]) + "\n" + '{"args": {"dataset": "Deb' + "\n" + json.dumps(good[1]) + "\n"
-    path.write_text(text)
-    with pytest.warns(MalformedResultsWarning, match=re.escape(f"{path}:2: malformed results line skipped")):
+    no_step = {k: v for k, v in good[1].items() if k != "step"}
+    path.write_text(text + json.dumps(no_step) + "\nnull\n")
+    with pytest.warns(MalformedResultsWarning) as caught:
         records = read_jsonl(path)
     assert [r["step"] for r in records] == [0, 2]
+    assert [str(w.message).split(" (")[0] for w in caught] == [
+        f"{path}:2: malformed results line skipped", f"{path}:4: results line without 'args' and 'step' skipped",
+        f"{path}:5: results line without 'args' and 'step' skipped"]
 
 
 @requires_domainbed
@@ -427,6 +431,26 @@ def _write_runs(sweep: Path, runs: dict[str, list[dict]]) -> None:
         (sweep / name).mkdir(parents=True)
         (sweep / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         (sweep / name / "done").write_text("done")
+
+
+@requires_domainbed
+def test_a_job_without_done_takes_no_part_in_selection_unless_asked(domainbed, tmp_path):
+    """A killed job's records (no ``done``) would win the oracle here: the report leaves them out
+    and says so, unless --include_incomplete (DomainBed's collect_results reads every job)."""
+    from domainbed_fish.report import write_report
+
+    accs = [(0.2, 0.2), (0.5, 0.5), (0.5, 0.5)]
+    _write_runs(tmp_path / "sweep", {"finished": [_record("Debug28", "ERM", [0], 0, accs)]})
+    killed = tmp_path / "sweep" / "killed"
+    killed.mkdir()
+    (killed / "results.jsonl").write_text(json.dumps(_record("Debug28", "ERM", [0], 0, [(0.9, 0.9), *accs[1:]],
+                                                             hseed=1)) + "\n")
+    result = write_report(tmp_path / "sweep", selection=["oracle"], plots=False, progress=False)
+    assert result.tables[0].cells["ERM"][0].trials == {0: 0.2}
+    assert result.missing[0].startswith("1 job directories without 'done'")
+    result = write_report(tmp_path / "sweep", selection=["oracle"], include_incomplete=True, plots=False,
+                          progress=False)
+    assert result.tables[0].cells["ERM"][0].trials == {0: 0.9}
 
 
 @requires_domainbed
@@ -809,14 +833,20 @@ def test_local_parallel_shows_a_failed_train_commands_error_from_its_err_txt(tmp
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "job"
     out.mkdir()
+    # A warning on the process's stderr before the train script's Tee, then a traceback longer
+    # than the tail shown: the tail of err.txt is what names the problem.  (The messages are
+    # split in the script: the report shows the command too.)
     script = ("import sys, pathlib; d = pathlib.Path(sys.argv[sys.argv.index('--output_dir') + 1]); "
-              "(d / 'err.txt').write_text('Traceback\\nValueError: hyperparameter bad, fix it\\n'); sys.exit(1)")
-    before = "python -c " + json.dumps("import sys; sys.stderr.write('usage: bad argument\\n'); sys.exit(2)")
+              "sys.stderr.write('User' + 'Warning: at import\\n'); "
+              "(d / 'err.txt').write_text('Traceback\\n' + '  frame\\n' * 30 + 'Value' + 'Error: "
+              "hyperparameter bad, fix it\\n'); sys.exit(1)")
+    before = "python -c " + json.dumps("import sys; sys.stderr.write('usage: bad ' + 'argument\\n'); sys.exit(2)")
     statuses = local_parallel([f"python -c {json.dumps(script)} --output_dir {out}",
                                before + f" --output_dir {tmp_path / 'absent'}"], workers=1, progress=False)
     assert statuses == [1, 2]
     report = capsys.readouterr().err
     assert "exit status 1" in report and "ValueError: hyperparameter bad, fix it" in report
+    assert "UserWarning: at import" not in report
     assert "exit status 2" in report and "usage: bad argument" in report  # no err.txt: the process's stderr
 
 

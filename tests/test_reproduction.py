@@ -498,10 +498,12 @@ def test_an_unknown_job_runner_is_refused(tmp_path):
         jobs_module.run_job(tmp_path, TrainJob("LinearToy", "ERM", 0, 2, 4, 2), threads=1, runner="spawn")
 
 
-def test_targets_read_the_summary():
-    def entry(acc):
-        return {"selected_acc": (acc, 0.0), "final_acc": (acc, 0.0), "runs": 3}
+def _acc_entry(acc):
+    return {"selected_acc": (acc, 0.0), "final_acc": (acc, 0.0), "runs": 3}
 
+
+def test_targets_read_the_summary():
+    entry = _acc_entry
     summary = {
         "cdsprites": {"Fish": {"5": entry(0.55), "15": entry(0.93), "30": entry(0.8)},
                       "IDGM": {"15": entry(0.88)}, "ERM": {"15": entry(0.52)}},
@@ -516,6 +518,73 @@ def test_targets_read_the_summary():
     assert checks["Fish at N=30 ≥ Fish at N=5 + 20 points (end of training)"] is True
     assert checks["Ĝ over training at N=15: Fish > ERM (mean over checkpoints)"] is True
     assert checks["toy held-out accuracy, ERM ≈ 57%"] is True
+
+
+def test_targets_hold_at_their_bounds():
+    """DomainBed's accuracies are counts over a split (900 of 1,000 is exactly 0.9): a bound
+    reached is met, for the ≥ checks and ERM's ≤ alike."""
+    summary = {"cdsprites": {"Fish": {"5": _acc_entry(0.25), "15": _acc_entry(0.9), "30": _acc_entry(0.45)},
+                             "IDGM": {"15": _acc_entry(0.9)}, "ERM": {"15": _acc_entry(0.6)}},
+               "toy": {"Fish": {"heldout_acc": (0.9, 0)}, "IDGM": {"heldout_acc": (0.9, 0)}}, "gip_n15": {}}
+    checks = targets(summary)
+    assert len(checks) == 10 and all(holds is True for _, _, holds in checks), checks
+
+
+def test_summary_is_mean_and_standard_error_over_seeds_of_each_measure():
+    """Each number of report.json from the runs it summarises, as (mean, SE over seeds) with
+    DomainBed's SE (population std / √n): the toy's end-of-training held-out accuracy and weights,
+    CdSprites' selected and final accuracies, Ĝ and the cosine per step (columns 1 and 2 of the
+    trace); and the minutes per job, a mean over seeds."""
+    import numpy as np
+
+    from domainbed_fish.reproduction.report import RunResult, summarise
+
+    def mean_se(values):
+        return pytest.approx((np.mean(values), np.std(values) / np.sqrt(len(values))))
+
+    results = []
+    for seed, (selected, final, minutes) in enumerate([(0.9, 0.6, 1.0), (0.7, 0.8, 2.0), (0.5, 0.4, 6.0)]):
+        results.append(RunResult(TrainJob(f"CdSprites{GIP_TRACE_N}", "Fish", seed, GIP_TRACE_N, 16, 5), selected,
+                                 final, 15, 60 * minutes, gip=[(0, 0.1 * seed, 0.5), (5, 1.0 + seed, 0.9 - 0.1 * seed)]))
+        results.append(RunResult(TrainJob("LinearToy", "ERM", seed, 2, 301, 100), selected, final, 300, 1.0,
+                                 weights={"shared": seed, "domain1": 1.0, "domain2": 1.0, "heldout": 0.0, "bias": 0.0}))
+    summary = summarise(get_preset("quick"), results)
+    fish = summary["cdsprites"]["Fish"][str(GIP_TRACE_N)]
+    assert fish["selected_acc"] == mean_se([0.9, 0.7, 0.5]) and fish["final_acc"] == mean_se([0.6, 0.8, 0.4])
+    assert fish["runs"] == 3 and fish["per_seed_final"] == [0.6, 0.8, 0.4]
+    toy = summary["toy"]["ERM"]
+    assert toy["heldout_acc"] == mean_se([0.6, 0.8, 0.4]) and toy["weights"]["shared"] == mean_se([0, 1, 2])
+    assert summary["gip_n15"] == {"Fish": {"0": mean_se([0, 0.1, 0.2]), "5": mean_se([1, 2, 3])}}
+    assert summary["cosine_n15"] == {"Fish": {"0": mean_se([0.5] * 3), "5": mean_se([0.9, 0.8, 0.7])}}
+    compute = summary["compute"]
+    assert compute["cdsprites_train_minutes_per_job"] == {"Fish": {str(GIP_TRACE_N): pytest.approx(3.0)}}
+    assert compute["train_minutes"] == pytest.approx(9.0 + 3 / 60)
+
+
+def test_collect_reads_the_selected_and_the_last_checkpoints_accuracy(domainbed, tmp_path):
+    """The selected accuracy is training-domain validation's (the checkpoint whose training domains'
+    out-splits are best: step 5; the oracle would take the last), the final one the test
+    environment's in-split at the last step (not its out-split, not the first step)."""
+    from domainbed_fish.reproduction.report import collect
+
+    job = TrainJob("CdSprites5", "ERM", 0, 5, 11, 5)
+
+    def record(step, val, test_in, test_out):
+        r = {"args": {"dataset": job.dataset, "algorithm": job.algorithm, "test_envs": [5], "hparams_seed": 0,
+                      "trial_seed": 0}, "step": step, "step_time": 0.5}
+        for env in range(5):
+            r[f"env{env}_in_acc"], r[f"env{env}_out_acc"] = 0.5, val
+        r["env5_in_acc"], r["env5_out_acc"] = test_in, test_out
+        return r
+
+    run = jobs_module.run_dir(tmp_path, job)
+    run.mkdir(parents=True)
+    records = [record(0, 0.3, 0.1, 0.2), record(5, 0.9, 0.7, 0.3), record(10, 0.6, 0.6, 0.95)]
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "done").write_text("done")
+    (result,), missing = collect(tmp_path, [job, TrainJob("CdSprites5", "ERM", 1, 5, 11, 5)])
+    assert (result.selected_acc, result.final_acc, result.final_step) == (0.7, 0.6, 10)
+    assert result.train_seconds == pytest.approx(0.5 * 11) and [j.seed for j in missing] == [1]
 
 
 def test_training_seconds_weight_each_checkpoints_step_time_by_the_steps_it_covers():

@@ -561,6 +561,47 @@ def test_summary_is_mean_and_standard_error_over_seeds_of_each_measure():
     assert compute["train_minutes"] == pytest.approx(9.0 + 3 / 60)
 
 
+def test_the_report_and_figures_show_each_measure_in_its_place(tmp_path, monkeypatch):
+    """The Markdown tables and the data of Figures 4 and 5, from a summary whose every number
+    differs: each mean ± SE in its row and column, and the checks' verdicts."""
+    import matplotlib.axes
+
+    from domainbed_fish.reproduction.report import write_figures
+
+    summary = {
+        "toy": {"ERM": {"heldout_acc": (0.6, 0.05), "runs": 3, "weights": {
+            "shared": (1.5, 0.1), "domain1": (0.25, 0.0), "domain2": (-0.75, 0.0), "heldout": (0.0, 0.0),
+            "bias": (0.5, 0.0)}}},
+        "cdsprites": {"Fish": {"15": {"selected_acc": (0.931, 0.012), "final_acc": (0.5, 0.004), "runs": 3}}},
+        "gip_n15": {"Fish": {"0": (0.125, 0.01), "50": (2.5, 0.5)}},
+        "cosine_n15": {"Fish": {"0": (0.25, 0.01), "50": (0.75, 0.05)}},
+    }
+    lines = render_markdown(get_preset("default"), summary, []).splitlines()
+    for expected in ["| ERM | 60.0 ± 5.0 | 1.50 | 0.25 | -0.75 | 0.00 | 0.50 | 3 |",
+                     "| Fish | Ĝ | 0.125 | 2.5 |", "| Fish | cosine | 0.25 | 0.75 |",
+                     "| CdSprites15 Fish >= 90% (training-domain validation) | 93.1% | yes |",
+                     "| CdSprites15 Fish >= 90% (end of training) | 50.0% | no |",
+                     "| CdSprites15 IDGM >= 90% (end of training) | — | — |"]:
+        assert expected in lines, expected
+    selected, final = (lines[lines.index(f"## CdSprites-N: accuracy (%) on the decorrelated environment, {title}") + 4]
+                       for title in ("training-domain validation", "end of training"))
+    assert (selected, final) == ("| Fish | — | 93.1 ± 1.2 (3) | — |", "| Fish | — | 50.0 ± 0.4 (3) | — |")
+
+    drawn = []
+    originals = {name: getattr(matplotlib.axes.Axes, name) for name in ("errorbar", "plot")}
+    for name, original in originals.items():
+        def record(ax, *args, _name=name, _original=original, **kwargs):
+            drawn.append((_name, kwargs.get("label"), [list(map(float, a)) for a in args[:2]],
+                          [float(e) for e in kwargs.get("yerr", [])]))
+            return _original(ax, *args, **kwargs)
+        monkeypatch.setattr(matplotlib.axes.Axes, name, record)
+    write_figures(summary, tmp_path)
+    assert [d for d in drawn if d[1] == "Fish"] == [
+        ("errorbar", "Fish", [[15.0], [pytest.approx(93.1)]], [pytest.approx(1.2)]),  # Figure 4: selected
+        ("plot", "Fish", [[0.0, 50.0], [0.125, 2.5]], []),  # Figure 5: Ĝ, not the cosine
+    ]
+
+
 def test_collect_reads_the_selected_and_the_last_checkpoints_accuracy(domainbed, tmp_path):
     """The selected accuracy is training-domain validation's (the checkpoint whose training domains'
     out-splits are best: step 5; the oracle would take the last), the final one the test

@@ -726,6 +726,44 @@ def test_alignment_is_the_gip_and_the_mean_pairwise_cosine():
     assert alignment(net, [batches[0]] * 3)[1] == pytest.approx(1.0)  # identical batches: aligned
 
 
+def test_probe_minibatches_come_from_the_training_environments_only(domainbed):
+    """Ĝ is over the training domains: the held-out environment (here the first) is never probed."""
+    from domainbed import datasets, hparams_registry
+
+    from domainbed_fish.reproduction.gip_trace import probe_minibatches
+
+    hparams = {**hparams_registry.default_hparams("ERM", "LinearToy"), "toy_per_domain": 40}
+    batches = probe_minibatches("LinearToy", hparams, test_env=0, per_domain=8)
+    environments = datasets.get_dataset_class("LinearToy")(None, [0], hparams)
+    assert len(batches) == 2
+    for (x, y), env in zip(batches, [environments[1], environments[2]], strict=True):
+        xs, ys = env.tensors
+        assert len(x) == 8 and all(((xs == row) & (ys == label)[:, None]).all(1).any() for row, label in zip(x, y))
+    heldout_inputs = environments[0].tensors[0][:, 1]  # the coordinate only environment 0 sets
+    assert heldout_inputs.any() and not any(x[:, 1].any() for x, _ in batches)
+
+
+def test_the_trace_is_in_step_order_and_cached(tmp_path, monkeypatch):
+    """Checkpoints by their step as a number (``model_step100`` after ``model_step50``), the final
+    ``model.pkl`` left out, probed on the run's training environments; a second call reads the cache."""
+    from domainbed_fish.reproduction import gip_trace
+
+    for name in ("model_step100.pkl", "model_step50.pkl", "model_step5.pkl", "model.pkl"):
+        (tmp_path / name).write_bytes(b"")
+    loaded = []
+    monkeypatch.setattr(gip_trace.torch, "load", lambda path, **kw: loaded.append(path.name) or {
+        "args": {"dataset": "LinearToy", "test_envs": [2]}, "model_hparams": {}, "name": path.name})
+    probed = []
+    monkeypatch.setattr(gip_trace, "probe_minibatches", lambda *args: probed.append(args) or "batches")
+    monkeypatch.setattr(gip_trace, "network_from_checkpoint", lambda checkpoint: checkpoint["name"])
+    monkeypatch.setattr(gip_trace, "alignment", lambda network, batches: (float(len(network)), 0.5))
+    expected = [(5, 15.0, 0.5), (50, 16.0, 0.5), (100, 17.0, 0.5)]
+    assert gip_trace.measure_trace(tmp_path) == expected
+    assert loaded == ["model_step5.pkl", "model_step50.pkl", "model_step100.pkl"]
+    assert probed == [("LinearToy", {}, 2, 64)]  # the run's held-out environment, once
+    assert gip_trace.measure_trace(tmp_path) == expected and len(loaded) == 3
+
+
 def test_missing_domainbed_is_one_clear_error(tmp_path):
     env = {k: v for k, v in subprocess_env().items() if k not in ("DOMAINBED_DIR", "PYTHONPATH")}
     proc = subprocess.run([PYTHON, "-m", "domainbed_fish.reproduction", "--quick", "--output_dir", str(tmp_path / "o")],

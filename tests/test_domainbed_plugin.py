@@ -308,6 +308,48 @@ def test_invalid_hparams_fail_at_construction(domainbed, name, key, value, messa
         make_algorithm(domainbed, name, (3, 28, 28), 3, hparams)
 
 
+#: Values at the edge of what each check allows: accepted (the checks' boundaries).
+BOUNDARY_HPARAMS = [
+    ("Fish", "meta_lr", 1.0), ("Fish", "meta_steps", 3), ("Fish", "meta_steps", 1), ("Fish", "gip_every", 0),
+    ("Fish", "fish_inner_momentum", 0.0), ("Fish", "fish_warmup_steps", 0), ("Fish", "weight_decay", 0.0),
+    ("IDGM", "idgm_gamma", 0.0), ("IDGM", "idgm_momentum", 0.0), ("IDGM", "idgm_penalty_anneal_iters", 0),
+    ("IDGM", "idgm_penalty_bound", "inf"), ("IDGM", "idgm_penalty_bound", 1e-9), ("IDGM", "weight_decay", 0.0),
+]
+
+
+@pytest.mark.parametrize("name, key, value", BOUNDARY_HPARAMS)
+def test_hparams_at_the_edge_of_their_range_are_accepted(name, key, value):
+    from conftest import fish_config, idgm_config
+
+    config = fish_config(**{key: value}) if name == "Fish" else idgm_config(**{key: value})
+    assert config is not None
+
+
+def test_random_hparams_are_drawn_as_domainbed_draws_its_own(domainbed):
+    """DomainBed's ``(default, random)`` contract: each name's random value comes from
+    ``RandomState(misc.seed_hash(random_seed, name))`` (so adding a name changes no other draw);
+    the plugin's datasets' entries too.  And the draws stay in their documented ranges (ρ < 1:
+    the bounded penalty keeps a descent direction)."""
+    import numpy as np
+    from domainbed import hparams_registry
+    from domainbed.lib import misc
+
+    for dataset in ["PACS", *registry.DATASET_HPARAMS]:
+        by_algorithm = registry.DATASET_HPARAMS.get(dataset, {})
+        for algorithm in ["ERM", *ALGORITHM_NAMES]:
+            # the algorithm's names, then the dataset's for every algorithm, then its for this one: the last wins
+            specs = {s.name: s for key in ("plugin", "*", algorithm)
+                     for s in (registry.HPARAMS.get(algorithm, ()) if key == "plugin" else by_algorithm.get(key, ()))}
+            for seed in (0, 1, 7):
+                drawn = hparams_registry.random_hparams(algorithm, dataset, seed)
+                for spec in specs.values():
+                    expected = spec.sample(np.random.RandomState(misc.seed_hash(seed, spec.name)))
+                    assert drawn[spec.name] == expected, (algorithm, dataset, spec.name, seed)
+    draws = [hparams_registry.random_hparams("IDGM", "PACS", seed) for seed in range(50)]
+    assert all(0.25 <= d["idgm_penalty_bound"] <= 0.9 for d in draws)
+    assert all(1 <= d["idgm_penalty_anneal_iters"] < 10_000 for d in draws)
+
+
 @pytest.mark.parametrize("name", ALGORITHM_NAMES)
 def test_missing_plugin_hparams_say_how_to_get_them(domainbed, name):
     from domainbed import hparams_registry

@@ -314,6 +314,34 @@ def test_presets_dry_run(domainbed, tmp_path, capsys):
     assert "Estimate: 2 algorithms × test env sets [6 (Debug28)] × 2 hparams × 2 trials = 48 jobs" in out
 
 
+def test_a_preset_with_an_unknown_key_is_refused(tmp_path, monkeypatch):
+    from domainbed_fish import presets
+
+    (tmp_path / "typo.json").write_text('{"algorithms": ["ERM"], "n_trial": 3}')
+    monkeypatch.setattr(presets, "PRESET_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"unknown keys \['n_trial'\]"):
+        presets.load("typo")
+    with pytest.raises(ValueError, match="unknown preset 'cpu_quick'; available presets: typo"):
+        presets.load("cpu_quick")
+
+
+@requires_domainbed
+def test_the_manifest_merges_launches_and_names_domainbeds_commit(domainbed, tmp_path, monkeypatch):
+    """A second launch (say, one more algorithm) adds its jobs to the manifest's list: the
+    first launch's jobs stay listed, so status and report still say what they miss."""
+    from domainbed_fish.manifest import read_manifest, write_manifest
+
+    monkeypatch.setenv("DOMAINBED_COMMIT", "0123abc")
+    job = {"dataset": "Debug28", "test_envs": [0], "hparams_seed": 0, "trial_seed": 0}
+    assert read_manifest(tmp_path) is None
+    write_manifest(tmp_path, {"a": {**job, "algorithm": "ERM"}}, {"algorithms": ["ERM"]}, argv=["first"])
+    write_manifest(tmp_path, {"b": {**job, "algorithm": "Fish"}}, {"algorithms": ["Fish"]}, argv=["second"])
+    manifest = read_manifest(tmp_path)
+    assert {name: a["algorithm"] for name, a in manifest["jobs"].items()} == {"a": "ERM", "b": "Fish"}
+    assert [(launch["argv"], launch["n_jobs"]) for launch in manifest["launches"]] == [(["first"], 1), (["second"], 1)]
+    assert manifest["domainbed"]["commit"] == "0123abc"
+
+
 # ----------------------------------------------------------------------------- locks
 
 

@@ -350,6 +350,24 @@ def test_random_hparams_are_drawn_as_domainbed_draws_its_own(domainbed):
     assert all(1 <= d["idgm_penalty_anneal_iters"] < 10_000 for d in draws)
 
 
+def test_the_plugins_datasets_set_the_papers_settings_for_each_algorithm(domainbed):
+    """Every CdSprites-N of the paper's Figure 4 (N = 5 … 50) is registered; the toy trains as the
+    paper's linear example (Fish: inner SGD without momentum, a random domain order, ε = 0.1;
+    IDGM: SGD at Fish's outer step, γ = 1, no warm-up); on CdSprites Fish warms up for 50 ERM
+    steps and IDGM's penalty starts at once."""
+    from domainbed import datasets, hparams_registry
+
+    assert [f"CdSprites{n}" for n in range(5, 55, 5)] == [d for d in datasets.DATASETS if d.startswith("CdSprites")]
+    fish, idgm = (hparams_registry.default_hparams(a, "LinearToy") for a in ("Fish", "IDGM"))
+    assert (fish["fish_inner_optimizer"], fish["fish_inner_momentum"], fish["fish_random_order"], fish["meta_lr"],
+            fish["lr"]) == ("sgd", 0.0, True, 0.1, 0.01)
+    assert (idgm["idgm_optimizer"], idgm["lr"], idgm["idgm_gamma"], idgm["idgm_penalty_anneal_iters"]) == (
+        "sgd", 0.0002, 1.0, 0)
+    for n in (5, 50):
+        assert hparams_registry.default_hparams("Fish", f"CdSprites{n}")["fish_warmup_steps"] == 50
+        assert hparams_registry.default_hparams("IDGM", f"CdSprites{n}")["idgm_penalty_anneal_iters"] == 0
+
+
 @pytest.mark.parametrize("name", ALGORITHM_NAMES)
 def test_missing_plugin_hparams_say_how_to_get_them(domainbed, name):
     from domainbed import hparams_registry

@@ -18,7 +18,7 @@ import csv
 import json
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,10 +415,11 @@ def find_missing(input_dir: Path, tables: list[Table], runs) -> list[str]:
             missing.append(f"finish them with: domainbed-fish-sweep launch --output_dir {input_dir} "
                            "(with the sweep's options)")
     else:
-        unfinished = [r for r in runs if not r.done]
+        unfinished = Counter(r.state for r in runs if not r.done)
         if unfinished:
-            missing.append(f"{len(unfinished)} job directories without 'done' (no sweep_manifest.json, so jobs "
-                           "never started cannot be listed)")
+            states = ", ".join(f"{n} {state}" for state, n in sorted(unfinished.items()))
+            missing.append(f"{unfinished.total()} job directories without 'done' ({states}; no sweep_manifest.json, "
+                           "so jobs never started cannot be listed)")
     for t in tables:
         empty = [f"{a} on {t.env_names[i]}" for a in t.algorithms for i, e in enumerate(t.env_ids)
                  if t.cells[a][e].empty]

@@ -473,9 +473,13 @@ def test_a_job_without_done_takes_no_part_in_selection_unless_asked(domainbed, t
     killed.mkdir()
     (killed / "results.jsonl").write_text(json.dumps(_record("Debug28", "ERM", [0], 0, [(0.9, 0.9), *accs[1:]],
                                                              hseed=1)) + "\n")
-    result = write_report(tmp_path / "sweep", selection=["oracle"], plots=False, progress=False)
+    training = tmp_path / "sweep" / "training"
+    training.mkdir()
+    (training / "results.jsonl").write_text(json.dumps(_record("Debug28", "ERM", [0], 0, accs, hseed=2)) + "\n")
+    with JobLock(training):  # a live job, not a killed one: the report tells them apart
+        result = write_report(tmp_path / "sweep", selection=["oracle"], plots=False, progress=False)
     assert result.tables[0].cells["ERM"][0].trials == {0: 0.2}
-    assert result.missing[0].startswith("1 job directories without 'done'")
+    assert result.missing[0].startswith("2 job directories without 'done' (1 incomplete, 1 running; ")
     result = write_report(tmp_path / "sweep", selection=["oracle"], include_incomplete=True, plots=False,
                           progress=False)
     assert result.tables[0].cells["ERM"][0].trials == {0: 0.9}

@@ -267,6 +267,12 @@ def test_empty_ranges_repeated_names_and_bad_worker_counts(domainbed, tmp_path, 
     with pytest.raises(SystemExit, match=r"^error: --n_hparams_from 5 --n_hparams 2 selects no hyperparameter seed: "
                                          r"the seeds are n_hparams_from … n_hparams − 1"):
         sweep_main(capsys, "dry_run", *argv, "--n_hparams_from", "5", "--n_hparams", "2")
+    with pytest.raises(SystemExit, match=r"^error: --n_hparams_from 2 --n_hparams 2 selects no hyperparameter seed"):
+        sweep_main(capsys, "dry_run", *argv, "--n_hparams_from", "2", "--n_hparams", "2")  # the empty range's edge
+    # seeds 2 and 3, each a job per test environment (LinearToy: 3)
+    _, text, _ = sweep_main(capsys, "dry_run", *argv, "--n_hparams_from", "2", "--n_hparams", "4")
+    assert "Estimate: 1 algorithms × test env sets [3 (LinearToy)] × 2 hparams × 1 trials = 6 jobs" in text
+    assert sorted(set(re.findall(r"hparams_seed=(\d+)", text))) == ["2", "3"]
     with pytest.raises(SystemExit, match=r"^error: --n_trials 0: at least 1 trial is needed$"):
         sweep_main(capsys, "dry_run", *argv, "--n_trials", "0")
     # a name given twice is one set of jobs (DomainBed's sweep would count and make them twice)
@@ -275,7 +281,8 @@ def test_empty_ranges_repeated_names_and_bad_worker_counts(domainbed, tmp_path, 
     for workers, env, message in [("0", None, r"--workers 0: local_parallel needs at least 1 worker"),
                                   ("-1", None, r"--workers -1: local_parallel needs at least 1 worker"),
                                   (None, "abc", r"environment variable DOMAINBED_FISH_WORKERS='abc' must be an "
-                                                r"integer; unset it for one worker per core")]:
+                                                r"integer; unset it for one worker per core"),
+                                  (None, "0", r"DOMAINBED_FISH_WORKERS 0: local_parallel needs at least 1 worker")]:
         if env is not None:
             monkeypatch.setenv("DOMAINBED_FISH_WORKERS", env)
         with pytest.raises(SystemExit, match=rf"^error: {message}.* Nothing was launched\.$"):
@@ -982,11 +989,104 @@ def test_status_and_delete_incomplete_spare_running_and_done_jobs(domainbed, tmp
         assert "3 jobs: 1 done, 1 running, 1 incomplete, 0 not launched." in text
         assert re.search(rf"running  {running.name}  Debug28 ERM", text)
         _, text, _ = sweep_main(capsys, "delete_incomplete", *argv)
-        assert "Deleted 1 jobs!" in text
+        assert "About to delete 1 jobs." in text and "Deleted 1 jobs!" in text
         assert done.exists() and running.exists() and not incomplete.exists()
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="recognised from /proc (Linux)")
+@requires_domainbed
+def test_delete_incomplete_spares_a_job_started_after_the_scan(domainbed, tmp_path, capsys):
+    """Between ``status`` reading a job as incomplete and the deletion, a launch may have
+    started it (with the lock, or DomainBed's own train script): each job is checked again."""
+    from domainbed_fish import sweep
+
+    argv = ["--datasets", "Debug28", "--algorithms", "ERM", "--n_hparams", "2", "--n_trials", "1",
+            "--selection", "training", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+            "--skip_confirmation"]
+    args = sweep.build_parser().parse_args(["delete_incomplete", *argv])
+    jobs = sweep.make_jobs(sweep.resolve(args))[:4]
+    locked, unlocked, finished, interrupted = (Path(j.job.output_dir) for j in jobs)
+    for d in (locked, unlocked, finished, interrupted):
+        d.mkdir(parents=True)
+        (d / "results.jsonl").write_text('{"step": 0}\n')
+    stale = [sweep.SweepJob(j.job, sweep.INCOMPLETE) for j in jobs]  # the states as read before they started
+    holder = _hold_lock(locked)
+    trainer = domainbed_train_without_lock(tmp_path, f"out/{unlocked.name}")
+    try:
+        deadline = time.monotonic() + 30
+        while sweep.job_state(unlocked) != sweep.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (finished / "done").write_text("done")
+        capsys.readouterr()
+        assert sweep.delete_incomplete(stale, args) == 0
+        assert "Deleted 1 jobs!" in capsys.readouterr().out
+        assert locked.exists() and unlocked.exists() and finished.exists() and not interrupted.exists()
+    finally:
+        for process in (holder, trainer):
+            process.kill()
+            process.wait()
+
+
+def _recording_launcher(monkeypatch) -> list[dict]:
+    """Replace local_parallel and submitit by recorders of their calls (commands and
+    options); nothing runs."""
+    import domainbed_fish.launchers as launchers
+
+    calls: list[dict] = []
+
+    def record(name):
+        def launcher(commands, **options):
+            calls.append({"launcher": name, "commands": list(commands), **options})
+        return launcher
+
+    monkeypatch.setattr(launchers, "local_parallel", record("local_parallel"))
+    monkeypatch.setattr(launchers, "submitit_launcher", record("submitit"))
+    return calls
+
+
+@requires_domainbed
+def test_launch_passes_the_shuffled_jobs_and_its_options_to_the_launcher(domainbed, tmp_path, capsys, monkeypatch):
+    """The jobs that are not done, in the order of ``RandomState(--seed).permutation`` (DomainBed
+    shuffles too, unseeded); ``--workers`` (or DOMAINBED_FISH_WORKERS) reaches local_parallel;
+    submitit's logs go next to the jobs; a job the launcher never ran is reported."""
+    import numpy as np
+
+    from domainbed_fish import sweep
+
+    calls = _recording_launcher(monkeypatch)
+    monkeypatch.delenv("DOMAINBED_FISH_WORKERS", raising=False)
+    monkeypatch.delenv("DOMAINBED_FISH_SUBMITIT_FOLDER", raising=False)
+    out = tmp_path / "out"
+    argv = ["--datasets", "LinearToy", "--algorithms", "ERM", "--n_hparams", "3", "--n_trials", "2",
+            "--selection", "training", "--output_dir", str(out), "--skip_confirmation"]
+    jobs = sweep.make_jobs(sweep.resolve(sweep.build_parser().parse_args(["launch", *argv])))
+    assert len(jobs) == 18
+    (done := Path(jobs[4].job.output_dir)).mkdir(parents=True)
+    (done / "done").write_text("done")
+    to_run = [j.command for j in jobs if j.job.output_dir != str(done)]
+    orders = {}
+    for seed in (0, 7):
+        status, _, err = sweep_main(capsys, "launch", *argv, "--seed", str(seed), "--workers", "3")
+        assert status == 1 and "17 jobs did not finish" in err  # the recorder ran none of them
+        call = calls.pop()
+        assert call == {"launcher": "local_parallel", "workers": 3, "commands": call["commands"]}
+        assert call["commands"] == [to_run[i] for i in np.random.RandomState(seed).permutation(17)]
+        orders[seed] = call["commands"]
+    assert orders[0] != orders[7] and sorted(orders[0]) == sorted(to_run) != orders[0]
+
+    monkeypatch.setenv("DOMAINBED_FISH_WORKERS", "2")
+    sweep_main(capsys, "launch", *argv)
+    assert calls.pop()["workers"] == 2
+    status, _, _ = sweep_main(capsys, "launch", *argv, "--command_launcher", "submitit", "--submitit_no_wait")
+    assert status == 0  # not waiting: nothing to report yet
+    call = calls.pop()
+    assert call["folder"] == str(out / "submitit_logs") and call["wait"] is False
+    monkeypatch.setenv("DOMAINBED_FISH_SUBMITIT_FOLDER", str(tmp_path / "logs"))
+    sweep_main(capsys, "launch", *argv, "--command_launcher", "submitit")
+    assert calls.pop()["folder"] is None  # the environment's, read by SubmititOptions.from_env
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="recognised from /proc (Linux)")

@@ -399,6 +399,118 @@ def test_job_lock_survives_its_directory_being_deleted_while_it_is_taken(tmp_pat
     lock.release()
 
 
+def test_job_lock_waits_its_patience_and_is_released_by_its_context(tmp_path):
+    """``acquire`` retries until ``patience_s`` (a status probe must not make a launch skip a
+    job); the context manager gives the lock back, also on an exception."""
+    import threading
+
+    from domainbed_fish.lockfile import LOCK_NAME
+
+    job = tmp_path / "job"
+    holder = _hold_lock(job)
+    threading.Timer(0.3, holder.kill).start()
+    lock = JobLock(job)
+    try:
+        assert lock.acquire(patience_s=30)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock.release()
+    (job / LOCK_NAME).write_text("4194304999\n")  # a longer pid than ours was written last
+    with pytest.raises(ValueError), JobLock(job):
+        assert holder_pid(job) == os.getpid() and is_locked(job)
+        raise ValueError
+    assert not is_locked(job)
+
+
+def test_job_lock_taken_on_a_deleted_directorys_file_is_taken_again(tmp_path, monkeypatch):
+    """``delete_incomplete`` may remove the directory between the lock's open and its flock:
+    the lock then holds an orphaned file, and must make the directory again and lock that."""
+    import shutil
+
+    import domainbed_fish.lockfile as lockfile
+
+    job, real_flock, calls = tmp_path / "job", lockfile.fcntl.flock, []
+
+    def flock_after_a_delete(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:
+            shutil.rmtree(job)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(lockfile.fcntl, "flock", flock_after_a_delete)
+    lock = JobLock(job)
+    assert lock.acquire(patience_s=0)
+    monkeypatch.undo()
+    assert len(calls) == 2 and holder_pid(job) == os.getpid() and is_locked(job)
+    lock.release()
+
+
+@requires_domainbed
+def test_run_job_skips_a_done_or_locked_job_and_clears_an_interrupted_one(domainbed, tmp_path, capsys, monkeypatch):
+    """DomainBed's train script (stubbed) runs with the job's arguments, under the lock, in a
+    directory holding only the lock file; a done job, or one another process holds, is left as
+    it is with status 0; the lock is given back also when training raises."""
+    import runpy
+
+    from domainbed_fish import run_job
+    from domainbed_fish.lockfile import LOCK_NAME
+
+    seen = []
+
+    def train(name, run_name, alter_sys):
+        seen.append((name, list(sys.argv), sorted(p.name for p in job.iterdir()), is_locked(job)))
+        if "--fail" in sys.argv:
+            raise RuntimeError("training failed")
+
+    monkeypatch.setattr(runpy, "run_module", train)
+    job = tmp_path / "job"
+    (job / "checkpoints").mkdir(parents=True)
+    (job / "results.jsonl").write_text('{"step": 0}\n')
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "kept").write_text("kept")
+    (job / "link").symlink_to(tmp_path / "elsewhere")
+    argv = ["--dataset", "Debug28", "--output_dir", str(job)]
+    assert run_job.main(argv) == 0
+    assert seen == [("domainbed.scripts.train", ["domainbed.scripts.train", *argv], [LOCK_NAME], True)]
+    assert (tmp_path / "elsewhere" / "kept").read_text() == "kept"  # a link is removed, not followed
+    assert not is_locked(job)
+
+    with pytest.raises(RuntimeError, match="training failed"):
+        run_job.main([*argv, "--fail"])
+    assert not is_locked(job)
+
+    seen.clear()
+    (job / "results.jsonl").write_text('{"step": 0}\n')
+    holder = _hold_lock(job)
+    try:
+        capsys.readouterr()
+        assert run_job.main(argv) == 0
+        assert f"skipped, another process is training (pid {holder.pid}): {job}" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    (job / "done").write_text("done")
+    assert run_job.main(argv) == 0
+    assert f"skipped, already done: {job}" in capsys.readouterr().out
+    assert seen == [] and sorted(p.name for p in job.iterdir()) == [LOCK_NAME, "done", "results.jsonl"]
+
+
+def test_clear_job_dir_keeps_the_lock_file_and_the_directory(tmp_path):
+    from domainbed_fish.lockfile import LOCK_NAME
+    from domainbed_fish.run_job import clear_job_dir
+
+    job = tmp_path / "job"
+    lock = JobLock(job)
+    assert lock.acquire(patience_s=0)
+    (job / "sub" / "deeper").mkdir(parents=True)
+    (job / "err.txt").write_text("x")
+    clear_job_dir(job)
+    assert [p.name for p in job.iterdir()] == [LOCK_NAME]
+    assert not JobLock(job).acquire(patience_s=0)  # still the file we lock: no one else takes the job
+    lock.release()
+
+
 def test_run_job_help_and_missing_output_dir_say_what_it_takes(tmp_path):
     helped = subprocess.run([PYTHON, "-m", "domainbed_fish.run_job", "--help"], capture_output=True, text=True,
                             env=sweep_env(), cwd=tmp_path, timeout=60)
@@ -1134,6 +1246,7 @@ def test_train_output_dir_reads_domainbeds_train_command_lines():
     # as train.py's argparse reads it: a prefix names the option, the last value wins
     assert train_output_dir(["python3", "-mdomainbed.scripts.train", "--output", "a", "--output_dir=b"]) == "b"
     assert train_output_dir(["python", "-W", "ignore", "-m", "domainbed.scripts.train", "--output_d", "c"]) == "c"
+    assert train_output_dir(["python", "-m", "domainbed.scripts.train", "--o", "d"]) == "d"  # the shortest prefix
     # not the train script: an editor on it, another module, code given with -c
     assert train_output_dir(["vim", "domainbed/scripts/train.py"]) is None
     assert train_output_dir(["python", "-c", "pass", "-m", "domainbed.scripts.train", "--output_dir", "a"]) is None

@@ -962,7 +962,7 @@ def test_launchers_are_registered_into_domainbed(domainbed):
     assert registry["submitit"] is submitit_launcher
 
 
-def test_local_parallel_uses_this_interpreter_and_splits_threads(tmp_path, monkeypatch):
+def test_local_parallel_uses_this_interpreter_and_splits_threads(tmp_path, monkeypatch, capsys):
     import domainbed_fish.launchers as launchers
     from domainbed_fish.launchers import local_parallel
 
@@ -972,8 +972,59 @@ def test_local_parallel_uses_this_interpreter_and_splits_threads(tmp_path, monke
     cmds = [f"python -c {json.dumps(script)} > {tmp_path / str(i)}" for i in range(3)] + ["exit 3"]
     statuses = local_parallel(cmds, workers=2, progress=False)
     assert statuses == [0, 0, 0, 3]
+    assert "local_parallel: 1 of 4 commands failed" in capsys.readouterr().err
     for i in range(3):
         assert (tmp_path / str(i)).read_text().split() == [sys.executable, "4"]
+
+
+def test_local_parallel_runs_one_job_per_gpu_on_at_most_workers_gpus(tmp_path, monkeypatch):
+    import domainbed_fish.launchers as launchers
+
+    monkeypatch.setattr(launchers, "visible_gpus", lambda: ["0", "1", "2"])
+    cmds = [f"echo $CUDA_VISIBLE_DEVICES > {tmp_path / str(i)}" for i in range(4)]
+    assert launchers.local_parallel(cmds, workers=2, progress=False) == [0, 0, 0, 0]
+    seen = [(tmp_path / str(i)).read_text().strip() for i in range(4)]
+    assert seen[:2] == ["0", "1"] and set(seen) == {"0", "1"}  # each job sees its GPU; GPU 2 stays free
+
+
+def test_local_parallel_interrupted_ends_the_running_jobs(tmp_path, monkeypatch):
+    """Ctrl-C (or any exception) in the launcher terminates the jobs it started, also when the
+    launcher's process goes on (DomainBed's sweep imported in a notebook)."""
+    import domainbed_fish.launchers as launchers
+
+    started, real_start = [], launchers._start
+    monkeypatch.setattr(launchers, "_start", lambda *a: started.append(real_start(*a)) or started[-1])
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launchers.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        launchers.local_parallel(["sleep 300"], workers=1, progress=False)
+    monkeypatch.undo()  # time.sleep is the time module's
+    ((proc, _),) = started
+    try:
+        assert proc.wait(timeout=30) != 0
+    finally:
+        proc.terminate()  # the supervisor passes it to the job's process group
+        proc.wait()
+
+
+def test_submitit_jobs_run_under_the_job_lock_and_report_their_failures(tmp_path, monkeypatch, capsys):
+    """A submitit job (a requeued one too) runs DomainBed's train command through run_job, so
+    an interrupted run's directory is cleared first; a failed job's status is 1."""
+    pytest.importorskip("submitit")
+    from domainbed_fish import launchers
+
+    calls = []
+    monkeypatch.setattr(launchers.subprocess, "call", lambda command, **kwargs: calls.append(command) or 0)
+    launchers.TrainCommand()("python -m domainbed.scripts.train --dataset PACS --output_dir /s/0a1b")
+    assert calls == [f"{launchers.shlex.quote(sys.executable)} -m domainbed_fish.run_job --dataset PACS "
+                     "--output_dir /s/0a1b"]
+    monkeypatch.undo()
+    statuses = launchers.submitit_launcher(["exit 0", "exit 3"], cluster="local", folder=str(tmp_path / "logs"))
+    assert statuses == [0, 1]
+    assert len(re.findall(r"submitit job \S+ failed", capsys.readouterr().err)) == 1
 
 
 def test_local_parallel_shows_a_failed_train_commands_error_from_its_err_txt(tmp_path, capsys, monkeypatch):
@@ -1059,6 +1110,8 @@ def test_submitit_settings_come_from_options_or_environment(monkeypatch):
         "name": "domainbed_fish", "stderr_to_stdout": False, "timeout_min": 720, "gpus_per_node": 1,
         "cpus_per_task": 8, "mem_gb": 32, "slurm_partition": "long", "slurm_array_parallelism": 16,
         "slurm_max_num_timeout": 5}
+    monkeypatch.setenv("DOMAINBED_FISH_SLURM_TIME", "")  # set but empty: as unset
+    assert SubmititOptions.from_env().time is None
     monkeypatch.setenv("DOMAINBED_FISH_SLURM_GPUS", "one")
     with pytest.raises(ValueError, match="DOMAINBED_FISH_SLURM_GPUS='one' must be an integer"):
         SubmititOptions.from_env()

@@ -130,3 +130,26 @@ def test_local_parallel_jobs_end_with_a_killed_launcher(tmp_path):
     launcher.kill()
     launcher.wait()
     _assert_ends(worker, "the job")
+
+
+# A signal that comes before the command has started (right after the handlers are set).
+_EARLY_SIGNAL = """
+import os, signal, sys
+from domainbed_fish import lifetime
+lifetime.end_with_launcher = lambda: os.kill(os.getpid(), signal.SIGTERM)
+sys.exit(lifetime.supervise(["sleep", "60"]))
+"""
+
+
+@linux_only
+def test_supervise_passes_on_a_signal_that_came_before_the_command_started():
+    supervisor = subprocess.run([PYTHON, "-c", _EARLY_SIGNAL], timeout=30)
+    assert supervisor.returncode == 128 + signal.SIGTERM
+
+
+def test_a_process_of_another_user_is_alive(monkeypatch):
+    def not_permitted(pid, signum):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(lifetime.os, "kill", not_permitted)
+    assert is_alive(1)

@@ -103,13 +103,15 @@ _WORKER = "import os, sys, time; open(sys.argv[1], 'w').write(f'{os.getpid()}\\n
 
 
 @linux_only
-def test_supervise_passes_a_signal_to_everything_the_command_started(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_supervise_passes_a_signal_to_everything_the_command_started(tmp_path, signum):
+    """SIGTERM (a scheduler, kill), SIGINT (Ctrl-C), SIGHUP (a closed terminal)."""
     pid_file = tmp_path / "pid"
     command = f"{PYTHON} -c \"{_WORKER}\" {pid_file}; echo not reached"
     supervisor = subprocess.Popen([PYTHON, "-m", "domainbed_fish.lifetime", "/bin/sh", "-c", command])
     worker = _wait_for_pid(pid_file, supervisor)
-    supervisor.terminate()
-    assert supervisor.wait(timeout=10) == 128 + signal.SIGTERM  # the shell's status, as a shell reports it
+    supervisor.send_signal(signum)
+    assert supervisor.wait(timeout=10) == 128 + signum  # the shell's status, as a shell reports it
     _assert_ends(worker, "the shell's child")
 
 

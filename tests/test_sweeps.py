@@ -113,6 +113,32 @@ def test_hparams_are_hashed_as_typed_so_domainbeds_sweep_names_the_same_director
 
 
 @requires_domainbed
+def test_checkpoint_freq_is_a_hashed_train_argument_as_domainbeds_job_hashes_it(domainbed, tmp_path):
+    from domainbed_fish import sweep
+    from domainbed_fish.locate import import_domainbed
+
+    argv = ["dry_run", "--datasets", "Debug28", "--algorithms", "ERM", "--n_hparams", "2", "--n_trials", "1",
+            "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--checkpoint_freq", "7"]
+    jobs = sweep.make_jobs(sweep.resolve(sweep.build_parser().parse_args(argv)))
+    db_sweep = import_domainbed("scripts.sweep")
+    full = db_sweep.make_args_list(1, ["Debug28"], ["ERM"], 0, 2, None, str(tmp_path),
+                                   "domain_generalization", 0.2, False, None)
+    for a in full:
+        a["checkpoint_freq"] = 7
+    assert {j.job.output_dir for j in jobs} == {db_sweep.Job(a, str(tmp_path / "out")).output_dir for a in full}
+    assert all(" --checkpoint_freq 7 " in f"{j.command} " for j in jobs)
+
+
+def test_a_device_or_fifo_in_place_of_a_directory_is_in_the_way(tmp_path):
+    from domainbed_fish.errors import file_in_the_way
+
+    os.mkfifo(tmp_path / "fifo")
+    assert file_in_the_way(tmp_path / "fifo" / "sweep") == tmp_path / "fifo"
+    assert file_in_the_way(Path("/dev/null/sweep")) == Path("/dev/null")
+    assert file_in_the_way(tmp_path / "new" / "sweep") is None
+
+
+@requires_domainbed
 def test_a_file_free_presets_job_directories_do_not_depend_on_tmpdir(domainbed, tmp_path, monkeypatch):
     from domainbed_fish import sweep
 
@@ -964,7 +990,11 @@ def test_launchers_are_registered_into_domainbed(domainbed):
 
 def test_local_parallel_uses_this_interpreter_and_splits_threads(tmp_path, monkeypatch, capsys):
     import domainbed_fish.launchers as launchers
-    from domainbed_fish.launchers import local_parallel
+    from domainbed_fish.launchers import local_parallel, with_this_interpreter
+
+    for command in ("python -m x", "python3 -m x"):
+        assert with_this_interpreter(command, "/v/bin/python") == "/v/bin/python -m x"
+    assert with_this_interpreter("python3.11 -m x", "/v/bin/python") == "python3.11 -m x"
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr(launchers.os, "cpu_count", lambda: 8)  # 2 workers on 8 cores: 4 threads each
@@ -1153,6 +1183,13 @@ def test_status_and_delete_incomplete_spare_running_and_done_jobs(domainbed, tmp
         _, text, _ = sweep_main(capsys, "status", *argv, "--list")
         assert "3 jobs: 1 done, 1 running, 1 incomplete, 0 not launched." in text
         assert re.search(rf"running  {running.name}  Debug28 ERM", text)
+        _, text, _ = sweep_main(capsys, "status", *argv)  # without --list: the jobs to look at
+        assert running.name in text and incomplete.name in text and done.name not in text
+        from domainbed_fish.manifest import write_manifest
+
+        write_manifest(tmp_path / "out", {j.name: j.job.train_args for j in jobs}, {}, None)
+        _, text, _ = sweep_main(capsys, "status", "--output_dir", str(tmp_path / "out"))  # the manifest's jobs
+        assert "3 jobs: 1 done, 1 running, 1 incomplete, 0 not launched." in text
         _, text, _ = sweep_main(capsys, "delete_incomplete", *argv)
         assert "About to delete 1 jobs." in text and "Deleted 1 jobs!" in text
         assert done.exists() and running.exists() and not incomplete.exists()
@@ -1231,15 +1268,22 @@ def test_launch_passes_the_shuffled_jobs_and_its_options_to_the_launcher(domainb
     assert len(jobs) == 18
     (done := Path(jobs[4].job.output_dir)).mkdir(parents=True)
     (done / "done").write_text("done")
-    to_run = [j.command for j in jobs if j.job.output_dir != str(done)]
+    running = Path(jobs[9].job.output_dir)
+    to_run = [j.command for j in jobs if j.job.output_dir not in (str(done), str(running))]
     orders = {}
-    for seed in (0, 7):
-        status, _, err = sweep_main(capsys, "launch", *argv, "--seed", str(seed), "--workers", "3")
-        assert status == 1 and "17 jobs did not finish" in err  # the recorder ran none of them
-        call = calls.pop()
-        assert call == {"launcher": "local_parallel", "workers": 3, "commands": call["commands"]}
-        assert call["commands"] == [to_run[i] for i in np.random.RandomState(seed).permutation(17)]
-        orders[seed] = call["commands"]
+    holder = _hold_lock(running)
+    try:
+        for seed in (0, 7):
+            status, text, err = sweep_main(capsys, "launch", *argv, "--seed", str(seed), "--workers", "3")
+            assert "About to launch 16 jobs." in text
+            assert status == 1 and "16 jobs did not finish" in err  # the recorder ran none of them
+            call = calls.pop()
+            assert call == {"launcher": "local_parallel", "workers": 3, "commands": call["commands"]}
+            assert call["commands"] == [to_run[i] for i in np.random.RandomState(seed).permutation(16)]
+            orders[seed] = call["commands"]
+    finally:
+        holder.kill()
+        holder.wait()
     assert orders[0] != orders[7] and sorted(orders[0]) == sorted(to_run) != orders[0]
 
     monkeypatch.setenv("DOMAINBED_FISH_WORKERS", "2")

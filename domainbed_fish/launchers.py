@@ -121,17 +121,19 @@ def _start(command: str, env: dict[str, str], verbose: bool) -> tuple[subprocess
 
 
 def _output_dir(command: str) -> str | None:
-    """The ``--output_dir`` of a train command, if it names one."""
+    """The ``--output_dir`` of a train command, if it names one (the last, as the train
+    script's ``argparse`` and ``run_job`` read it)."""
     try:
         words = shlex.split(command)
     except ValueError:
         return None
+    output_dir = None
     for i, word in enumerate(words):
         if word == "--output_dir" and i + 1 < len(words):
-            return words[i + 1]
-        if word.startswith("--output_dir="):
-            return word.split("=", 1)[1]
-    return None
+            output_dir = words[i + 1]
+        elif word.startswith("--output_dir="):
+            output_dir = word.split("=", 1)[1]
+    return output_dir
 
 
 def _report_failure(command: str, status: int, err: Any) -> None:

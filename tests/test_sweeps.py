@@ -1068,12 +1068,13 @@ def test_local_parallel_shows_a_failed_train_commands_error_from_its_err_txt(tmp
     # A warning on the process's stderr before the train script's Tee, then a traceback longer
     # than the tail shown: the tail of err.txt is what names the problem.  (The messages are
     # split in the script: the report shows the command too.)
-    script = ("import sys, pathlib; d = pathlib.Path(sys.argv[sys.argv.index('--output_dir') + 1]); "
+    script = ("import sys, pathlib; d = pathlib.Path(sys.argv[-1]); "
               "sys.stderr.write('User' + 'Warning: at import\\n'); "
               "(d / 'err.txt').write_text('Traceback\\n' + '  frame\\n' * 30 + 'Value' + 'Error: "
               "hyperparameter bad, fix it\\n'); sys.exit(1)")
     before = "python -c " + json.dumps("import sys; sys.stderr.write('usage: bad ' + 'argument\\n'); sys.exit(2)")
-    statuses = local_parallel([f"python -c {json.dumps(script)} --output_dir {out}",
+    # the last --output_dir is the job's, as argparse reads it
+    statuses = local_parallel([f"python -c {json.dumps(script)} --output_dir {tmp_path / 'first'} --output_dir {out}",
                                before + f" --output_dir {tmp_path / 'absent'}"], workers=1, progress=False)
     assert statuses == [1, 2]
     report = capsys.readouterr().err

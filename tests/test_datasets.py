@@ -51,8 +51,25 @@ def test_pixel_count_does_not_give_the_label_away():
 
 
 def test_sprite_position_moves_the_mask():
-    left, right = rasterise(SpriteLatents.concatenate([_one(1, x=0), _one(1, x=31)]))
+    left, right, top, bottom = rasterise(SpriteLatents.concatenate([_one(1, x=0), _one(1, x=31),
+                                                                    _one(1, y=0), _one(1, y=31)]))
+    # pos_x moves the sprite along the columns only, pos_y along the rows only
     assert left.nonzero()[:, 1].float().mean() < 24 < right.nonzero()[:, 1].float().mean()
+    assert left.nonzero()[:, 0].float().mean() == pytest.approx(right.nonzero()[:, 0].float().mean(), abs=0.5)
+    assert top.nonzero()[:, 0].float().mean() < 24 < bottom.nonzero()[:, 0].float().mean()
+    assert top.nonzero()[:, 1].float().mean() == pytest.approx(bottom.nonzero()[:, 1].float().mean(), abs=0.5)
+
+
+def test_orientations_turn_the_sprite_a_whole_turn():
+    """Orientation k turns the sprite by 2πk/40: the ellipse's long axis (in (x, y) = (column,
+    row) coordinates) points at 2πk/40 modulo π, over all 40 orientations."""
+    masks = rasterise(SpriteLatents.concatenate([_one(1, orientation=k) for k in range(40)]))
+    for k, mask in enumerate(masks):
+        points = mask.nonzero().double()[:, [1, 0]]
+        _, vectors = torch.linalg.eigh(torch.cov(points.T))
+        axis = np.arctan2(vectors[1, -1].item(), vectors[0, -1].item())
+        error = (axis - 2 * np.pi * k / 40 + np.pi / 2) % np.pi - np.pi / 2
+        assert abs(error) < np.radians(3), k
 
 
 # --------------------------------------------------------------------------- CdSprites-N
@@ -118,7 +135,24 @@ def test_colour_predicts_the_label_in_training_domains_only(cdsprites5):
     decorrelated = cdsprites5[-1]
     assert 0.4 < _colour_accuracy(decorrelated) < 0.65  # 10 colours, 300 images: chance level
     used = {tuple(c) for c in decorrelated.colours.tolist()}
-    assert used <= {tuple(c) for p in palettes for c in p.tolist()}
+    assert used == {tuple(c) for p in palettes for c in p.tolist()}  # every domain's two colours
+
+
+def test_each_domain_colours_label_k_with_its_palettes_colour_k(monkeypatch):
+    """Colour index = label: domain d's label-k sprites have colour palettes[d][k], as drawn."""
+    from domainbed_fish.datasets import cdsprites
+
+    drawn, draw = [], cdsprites.domain_palettes
+
+    def recording(num_domains, rng):
+        drawn.append(draw(num_domains, rng))
+        return drawn[-1]
+
+    monkeypatch.setattr(cdsprites, "domain_palettes", recording)
+    envs = cdsprites.build_cdsprites.__wrapped__(3, 40, seed=5)
+    palettes = torch.as_tensor(drawn[0], dtype=torch.float32)
+    for d, env in enumerate(envs[:-1]):
+        assert torch.equal(env.colours, palettes[d][env.labels])
 
 
 def test_shape_is_the_label(cdsprites5):
@@ -141,6 +175,13 @@ def test_cdsprites_is_deterministic_and_the_seed_matters():
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.masks, y.masks) and torch.equal(x.colours, y.colours) and torch.equal(x.labels, y.labels)
     assert not torch.equal(a[0].masks, c[0].masks)
+
+
+@pytest.mark.parametrize("n", [1, 5, 50])
+def test_the_size_limit_is_the_largest_that_keeps_the_environments_disjoint(n):
+    # N + 1 environments of k sprites take ⌈k/2⌉ squares and ⌊k/2⌋ ellipses each
+    limit = max_per_domain(n)
+    assert limit % 2 == 0 and (n + 1) * limit // 2 <= SPRITES_PER_SHAPE < (n + 1) * (limit // 2 + 1)
 
 
 def test_cdsprites_sizes_are_checked_with_the_fix_named():
@@ -205,6 +246,33 @@ def test_cdsprites_hparams_are_cpu_sized_and_sizes_are_an_option(domainbed):
     assert 8 <= random["batch_size"] <= 64
     dataset = datasets.get_dataset_class("CdSprites10")("", [10], {**hparams, "cdsprites_per_domain": 6})
     assert [len(env) for env in dataset] == [6] * 11
+
+
+def test_the_data_seed_hyperparameter_chooses_the_data(domainbed):
+    from domainbed import datasets, hparams_registry
+
+    cls = datasets.get_dataset_class("CdSprites5")
+    hparams = {**hparams_registry.default_hparams("ERM", "CdSprites5"), "cdsprites_per_domain": 6}
+    a, b, c = (cls("", [5], {**hparams, "cdsprites_data_seed": seed}) for seed in (1, 1, 2))
+    assert all(torch.equal(x.masks, y.masks) and torch.equal(x.colours, y.colours) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0].masks, c[0].masks)
+    built = build_cdsprites(5, 6, seed=2)
+    assert all(torch.equal(x.masks, y.masks) and torch.equal(x.colours, y.colours) for x, y in zip(c, built, strict=True))
+
+
+def test_linear_toy_environments_are_domains_1_2_then_the_held_out_3(domainbed):
+    """Environment i owns input coordinate i + 1; the held-out domain's coordinate 3 never occurs
+    in training."""
+    from domainbed import datasets, hparams_registry
+
+    cls = datasets.get_dataset_class("LinearToy")
+    assert cls.decorrelated_env() == 2 and cls.ENVIRONMENTS[cls.decorrelated_env()] == "heldout"
+    dataset = cls("", [2], {**hparams_registry.default_hparams("ERM", "LinearToy"), "toy_per_domain": 20})
+    for i, env in enumerate(dataset):
+        x, y = env.tensors
+        own = x[:, 1:].nonzero()[:, 1].unique().tolist()
+        assert own == [i]
+        assert torch.equal(x[:, 1 + i], y.float() * x[:, 1 + i])  # only x2, label 1, uses it
 
 
 @pytest.mark.parametrize(("name", "size_hparam"), [("CdSprites5", "cdsprites_per_domain"), ("LinearToy", "toy_per_domain")])

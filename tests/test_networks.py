@@ -32,6 +32,21 @@ def _twin_networks(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     return channels_last, nchw
 
 
+def test_the_layers_are_the_papers():
+    """Shi et al., section 4.1: five 4×4 convolutions with stride 2, 3→32→32→64→128→128, padding
+    1, 1, 1, 1, 0, each with a bias and followed by ReLU, no normalisation; 128 features."""
+    network = CdSpritesCNN((3, 64, 64))
+    layers = list(network.layers)
+    assert [type(m) for m in layers] == [nn.Conv2d, nn.ReLU] * 4 + [WholeInputConv2d, nn.ReLU, nn.Flatten]
+    convolutions = layers[0:10:2]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convolutions] == [
+        (3, 32, (4, 4), (2, 2), (1, 1)), (32, 32, (4, 4), (2, 2), (1, 1)), (32, 64, (4, 4), (2, 2), (1, 1)),
+        (64, 128, (4, 4), (2, 2), (1, 1)), (128, 128, (4, 4), (2, 2), (0, 0))]
+    assert all(c.bias is not None and c.dilation == (1, 1) and c.groups == 1 for c in convolutions)
+    assert not [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)]
+    assert network.n_outputs == 128 and network(torch.rand(2, 3, 64, 64)).shape == (2, 128)
+
+
 def test_weights_and_activations_are_channels_last_and_the_features_are_the_papers():
     torch.manual_seed(0)
     network = CdSpritesCNN((3, 64, 64))

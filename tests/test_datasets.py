@@ -316,6 +316,40 @@ def test_every_algorithm_gets_the_cdsprites_network_for_64px_inputs(domainbed, d
         assert type(model.network[0] if hasattr(model, "network") else model.featurizer).__name__ == featurizer
 
 
+def test_the_cdsprites_classifier_is_the_papers_last_layer(domainbed):
+    from domainbed import algorithms, hparams_registry
+
+    torch.manual_seed(0)
+    model = algorithms.get_algorithm_class("ERM")((3, 64, 64), 2, 5, hparams_registry.default_hparams("ERM", "CdSprites5"))
+    assert isinstance(model.classifier, torch.nn.Linear)
+    assert (model.classifier.in_features, model.classifier.out_features) == (128, 2)
+    # DomainBed's random initialisation: only the linear toy's classifier starts at zero
+    for shape, dataset in (((3, 64, 64), "CdSprites5"), ((3, 28, 28), "Debug28")):
+        model = algorithms.get_algorithm_class("ERM")(shape, 2, 3, hparams_registry.default_hparams("ERM", dataset))
+        assert model.classifier.weight.abs().min() > 0, dataset
+
+
+def test_domainbeds_own_inputs_keep_domainbeds_networks(domainbed, monkeypatch):
+    """The plugin takes only 64×64 images and the linear toy's ``linear_model``; every other input
+    shape gets the network DomainBed's own selection gives it."""
+    from domainbed import hparams_registry, networks
+
+    from domainbed_fish.networks import CdSpritesCNN, LinearFeatures
+
+    class StubResNet(torch.nn.Module):  # DomainBed's would download ImageNet weights
+        def __init__(self, input_shape, hparams):
+            super().__init__()
+
+    monkeypatch.setattr(networks, "ResNet", StubResNet)
+    hparams = {**hparams_registry.default_hparams("ERM", "Debug28"), "mlp_width": 8, "mlp_depth": 3, "mlp_dropout": 0.0}
+    expected = {(10,): networks.MLP, (4,): networks.MLP, (2, 28, 28): networks.MNIST_CNN,
+                (3, 28, 28): networks.MNIST_CNN, (3, 32, 32): networks.wide_resnet.Wide_ResNet,
+                (3, 224, 224): StubResNet, (3, 64, 64): CdSpritesCNN}
+    for shape, cls in expected.items():
+        assert type(networks.Featurizer(shape, hparams)) is cls, shape
+    assert type(networks.Featurizer((4,), {**hparams, "linear_model": True})) is LinearFeatures
+
+
 def test_linear_toy_model_is_linear_and_starts_at_zero(domainbed):
     from domainbed import algorithms, hparams_registry
 

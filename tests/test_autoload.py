@@ -44,6 +44,19 @@ def test_domainbed_import_registers_without_any_plugin_import():
     assert off.stdout.split() == ["False", "domainbed.algorithms"], off.stderr
 
 
+@requires_domainbed
+def test_a_hook_installed_after_domainbed_was_imported_registers_at_once():
+    """``install()`` run late (DomainBed already imported, e.g. in a notebook) registers into the
+    modules already loaded instead of waiting for an import that will not come."""
+    code = ("import os\nfrom domainbed import algorithms, datasets, networks\n"
+            "assert 'IDGM' not in algorithms.ALGORITHMS\n"
+            "os.environ.pop('DOMAINBED_FISH_AUTOLOAD')\nimport domainbed_fish._autoload\n"
+            "print('IDGM' in algorithms.ALGORITHMS, 'CdSprites5' in datasets.DATASETS, "
+            "type(networks.Featurizer((3, 64, 64), {})).__name__)")
+    out = run_python(code, DOMAINBED_FISH_AUTOLOAD="0")
+    assert out.stdout.split() == ["True", "True", "CdSpritesCNN"], out.stderr
+
+
 def test_missing_domainbed_says_how_to_provide_it(tmp_path):
     code = (
         "from domainbed_fish.locate import import_domainbed, DomainBedNotFoundError\n"

@@ -44,6 +44,26 @@ def test_domainbed_import_registers_without_any_plugin_import():
     assert off.stdout.split() == ["False", "domainbed.algorithms"], off.stderr
 
 
+#: DomainBed's modules the plugin registers into (written out, not read from the hook).
+REGISTERED_MODULES = ["domainbed.algorithms", "domainbed.networks", "domainbed.hparams_registry", "domainbed.datasets",
+                      "domainbed.command_launchers", "domainbed.lib.fast_data_loader", "domainbed.lib.reporting"]
+
+
+@requires_domainbed
+def test_the_hook_registers_into_every_module_domainbed_imports():
+    """Each module is registered into by its own import alone (DomainBed's ``sweep`` imports
+    ``command_launchers``, its train script ``fast_data_loader``, ``collect_results`` ``reporting``)."""
+    code = ("import importlib, json, sys\n"
+            "print(json.dumps({name: getattr(importlib.import_module(name), '_domainbed_fish_registered', False) "
+            f"for name in {REGISTERED_MODULES!r}}}))")
+    out = run_python(code)
+    if "domainbed_fish._autoload" not in run_python("import sys; print(list(sys.modules))").stdout:
+        pytest.skip("the package is not installed (pip install -e .), so its start-up .pth is absent")
+    assert json.loads(out.stdout) == dict.fromkeys(REGISTERED_MODULES, True), out.stderr
+    code = "from domainbed import command_launchers as c; print('local_parallel' in c.REGISTRY, 'submitit' in c.REGISTRY)"
+    assert run_python(code).stdout.split() == ["True", "True"]  # what DomainBed's sweep --command_launcher reads
+
+
 @requires_domainbed
 def test_a_hook_installed_after_domainbed_was_imported_registers_at_once():
     """``install()`` run late (DomainBed already imported, e.g. in a notebook) registers into the

@@ -92,6 +92,17 @@ def test_cdsprites_shapes_sizes_and_balanced_labels(cdsprites5):
         assert torch.equal(env.images(torch.arange(4)), torch.stack([env[i][0] for i in range(4)]))
 
 
+def test_a_data_loader_batch_is_the_items_it_asked_for(cdsprites5):
+    """A ``DataLoader`` fetches a whole batch through ``__getitems__``: the same images and labels,
+    in the same order, as item by item."""
+    env = cdsprites5[-1]
+    indices = torch.randperm(len(env), generator=torch.Generator().manual_seed(0))[:7].tolist()
+    loader = torch.utils.data.DataLoader(env, batch_size=7, sampler=indices)
+    images, labels = next(iter(loader))
+    assert torch.equal(images, torch.stack([env[i][0] for i in indices]))
+    assert torch.equal(labels, torch.stack([env[i][1] for i in indices]))
+
+
 def _colour_accuracy(env) -> float:
     """Accuracy of the best classifier that sees only the colour (majority label per colour)."""
     colours = [tuple(c) for c in env.colours.tolist()]

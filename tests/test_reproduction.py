@@ -273,7 +273,7 @@ def test_a_failing_job_reports_its_error(tmp_path, monkeypatch):
                         lambda command, **kw: subprocess.CompletedProcess(command, 1, "", "Traceback\nValueError: bad"))
     (outcome,) = jobs_module.run_jobs(tmp_path, [job], workers=1, runner="subprocess")
     assert outcome.error.endswith("ValueError: bad\n(exit status 1)")
-    assert not jobs_module.is_done(tmp_path, job)
+    assert jobs_module.job_state(tmp_path, job) == "to do"
 
 
 def _records_without_timing(run) -> list[dict]:
@@ -316,13 +316,13 @@ def test_a_failing_job_reports_the_train_scripts_error(domainbed, tmp_path, runn
     last_lines = outcome.error.splitlines()[-2:]
     assert last_lines[0].startswith("ValueError: hyperparameter 'fish_epsilon' = 'half' is invalid")
     assert "Fix it in --hparams" in last_lines[0] and last_lines[1] == "(exit status 1)"
-    assert not jobs_module.is_done(tmp_path, job)
+    assert jobs_module.job_state(tmp_path, job) == "to do"
     if runner == "subprocess":
         return
     # relaunched with a valid value, the same directory is cleared and the job completes
     fixed = TrainJob("LinearToy", "Fish", 0, 2, 4, 2, {"fish_epsilon": "meta_lr"})
     (outcome,) = jobs_module.run_jobs(tmp_path, [fixed], workers=1, runner="forkserver")
-    assert outcome.error is None and jobs_module.is_done(tmp_path, fixed)
+    assert outcome.error is None and jobs_module.job_state(tmp_path, fixed) == "done"
 
 
 def test_an_interrupt_stops_the_queued_jobs_and_a_rerun_finishes_them(domainbed, tmp_path):
@@ -337,7 +337,7 @@ def test_an_interrupt_stops_the_queued_jobs_and_a_rerun_finishes_them(domainbed,
     assert jobs[0] in started and len(started) <= 2  # the first, and the one already running
     outcomes = jobs_module.run_jobs(tmp_path, jobs, workers=1, runner="forkserver")
     assert len(outcomes) == len(jobs) - len(started) and all(o.error is None for o in outcomes)
-    assert all(jobs_module.is_done(tmp_path, job) for job in jobs)
+    assert all(jobs_module.job_state(tmp_path, job) == "done" for job in jobs)
 
 
 def test_a_job_another_process_is_training_is_left_alone_with_the_fix(tmp_path, monkeypatch):

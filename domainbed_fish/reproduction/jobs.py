@@ -108,10 +108,6 @@ def move_controls_out_of_runs(output_dir: Path, jobs: Sequence[TrainJob]) -> lis
     return moved
 
 
-def is_done(output_dir: Path, job: TrainJob) -> bool:
-    return (run_dir(output_dir, job) / "done").exists()
-
-
 def steps_recorded(output_dir: Path, job: TrainJob) -> int:
     """Training steps ``job`` has checkpointed so far: one past the ``step`` of the last
     complete line of its ``results.jsonl`` (DomainBed writes one per checkpoint, the first

@@ -34,6 +34,7 @@ from typing import Any
 
 from domainbed_fish.allocator import job_environment
 from domainbed_fish.lifetime import LAUNCHER_PID_VARIABLE
+from domainbed_fish.lockfile import output_dir_argument
 from domainbed_fish.results import train_error_tail
 
 
@@ -63,7 +64,7 @@ def under_job_lock(command: str) -> str:
     an unfinished one cleared first.  A command without ``--output_dir`` is left as it is.
     """
     head, sep, tail = command.partition(_DOMAINBED_TRAIN)
-    names_its_directory = any(w == "--output_dir" or w.startswith("--output_dir=") for w in tail.split())
+    names_its_directory = output_dir_argument(tail.split()) is not None
     if sep and names_its_directory and head.split()[-1:] and head.split()[-1].split("/")[-1].startswith("python"):
         return head + _UNDER_LOCK + tail
     return command
@@ -121,19 +122,12 @@ def _start(command: str, env: dict[str, str], verbose: bool) -> tuple[subprocess
 
 
 def _output_dir(command: str) -> str | None:
-    """The ``--output_dir`` of a train command, if it names one (the last, as the train
-    script's ``argparse`` and ``run_job`` read it)."""
+    """The ``--output_dir`` of a train command, if it names one (read as the train script's
+    ``argparse`` and ``run_job`` read it: the last one, a prefix allowed)."""
     try:
-        words = shlex.split(command)
+        return output_dir_argument(shlex.split(command))
     except ValueError:
         return None
-    output_dir = None
-    for i, word in enumerate(words):
-        if word == "--output_dir" and i + 1 < len(words):
-            output_dir = words[i + 1]
-        elif word.startswith("--output_dir="):
-            output_dir = word.split("=", 1)[1]
-    return output_dir
 
 
 def _report_failure(command: str, status: int, err: Any) -> None:

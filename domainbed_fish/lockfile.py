@@ -146,7 +146,13 @@ def train_output_dir(argv: Sequence[str]) -> str | None:
     arguments = _train_script_arguments(argv)
     if arguments is None:
         return None
-    output_dir = "train_output"  # train.py's default
+    return output_dir_argument(arguments) or "train_output"  # train.py's default
+
+
+def output_dir_argument(arguments: Sequence[str]) -> str | None:
+    """The ``--output_dir`` value among ``arguments`` as train.py's ``argparse`` reads it (the
+    last one; ``--output_dir=x`` or a prefix such as ``--out x``), else ``None``."""
+    output_dir = None
     for i, arg in enumerate(arguments):
         name, has_value, value = arg.partition("=")
         if len(name) >= 3 and "--output_dir".startswith(name):

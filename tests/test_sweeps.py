@@ -1357,6 +1357,8 @@ def test_launchers_run_domainbeds_train_commands_under_the_job_lock():
     assert under_job_lock(command) == "python -m domainbed_fish.run_job --dataset PACS --output_dir /s/0a1b"
     assert under_job_lock("/opt/py/bin/python3 -m domainbed.scripts.train --x 1 --output_dir=d") == \
         "/opt/py/bin/python3 -m domainbed_fish.run_job --x 1 --output_dir=d"
+    # a prefix names the directory for train.py's argparse, and so for run_job's
+    assert under_job_lock("python -m domainbed.scripts.train --out d") == "python -m domainbed_fish.run_job --out d"
     for unchanged in ("python -m domainbed_fish.run_job --output_dir d", "echo -m domainbed.scripts.train --output_dir x",
                       "python -m domainbed.scripts.train --dataset PACS", "exit 3"):  # the last train: no job directory
         assert under_job_lock(unchanged) == unchanged

@@ -59,27 +59,59 @@ class _PostImportFinder:
     """
 
     def find_spec(self, fullname, path=None, target=None):
+        if fullname == "domainbed":
+            spec = self._later_spec(fullname, path, target)
+            if spec is None:
+                _explain_missing_domainbed()
+            return spec
         if fullname not in WATCHED_MODULES:
             return None
+        spec = self._later_spec(fullname, path, target)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            original_exec = spec.loader.exec_module
+
+            def exec_module(module, _original=original_exec):
+                _original(module)
+                _after_exec(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+    def _later_spec(self, fullname, path, target):
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
-            if spec is None:
-                continue
-            loader = spec.loader
-            if loader is not None and hasattr(loader, "exec_module"):
-                original_exec = loader.exec_module
-
-                def exec_module(module, _original=original_exec):
-                    _original(module)
-                    _after_exec(module)
-
-                loader.exec_module = exec_module
-            return spec
+            if spec is not None:
+                return spec
         return None
 
     def invalidate_caches(self) -> None:
+        pass
+
+
+_explained = False
+
+
+def _explain_missing_domainbed() -> None:
+    """Say why ``domainbed`` cannot be imported when ``DOMAINBED_DIR`` names no checkout.
+
+    DomainBed's own ``python -m domainbed.scripts...`` never reaches the plugin's code, so
+    without this a mistyped ``DOMAINBED_DIR`` gets only Python's "No module named
+    'domainbed'".  A note on stderr, once, rather than an exception: a probe such as
+    ``importlib.util.find_spec("domainbed")`` must still get ``None``.
+    """
+    global _explained
+    if _explained or not os.environ.get("DOMAINBED_DIR"):
+        return
+    _explained = True
+    try:
+        from domainbed_fish.locate import DomainBedNotFoundError, domainbed_dir_from_env
+
+        domainbed_dir_from_env()
+    except DomainBedNotFoundError as exc:
+        sys.stderr.write(f"domainbed-fish: {exc}\n")
+    except Exception:  # the explanation must never be what breaks the import
         pass
 
 

@@ -184,3 +184,33 @@ def test_domainbed_dir_with_a_tilde_reaches_domainbeds_own_commands_too(tmp_path
         if out.stdout.split()[:1] == ["False"]:
             pytest.skip("the package is not installed (pip install -e .), so its start-up .pth is absent")
         assert out.stdout.split() == ["True", str(checkout / "domainbed" / "__init__.py")], out.stderr
+
+
+def test_domainbeds_own_commands_say_when_domainbed_dir_names_no_checkout(tmp_path):
+    """DomainBed's ``python -m domainbed.scripts...`` never reaches the plugin's commands, so
+    the start-up hook is what can say that a mistyped ``DOMAINBED_DIR`` is why ``domainbed``
+    is missing; a probe for DomainBed must still get ``None``, not an exception."""
+    env = subprocess_env()
+    env.update(DOMAINBED_DIR=str(tmp_path / "DomainBd"), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    code = ("import sys, importlib.util\n"
+            "print('domainbed_fish._autoload' in sys.modules, importlib.util.find_spec('domainbed'))\n"
+            "print(importlib.util.find_spec('domainbed'))")
+    probe = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    if probe.stdout.split()[:1] == ["False"]:
+        pytest.skip("the package is not installed (pip install -e .), so its start-up .pth is absent")
+    if probe.stdout.split()[1:2] != ["None"]:
+        pytest.skip("DomainBed is importable without DOMAINBED_DIR in this environment")
+    assert probe.stdout.split() == ["True", "None", "None"]
+    note = f"domainbed-fish: {ENV_VAR}={str(tmp_path / 'DomainBd')!r} does not point at a DomainBed checkout"
+    assert probe.stderr.count(note) == 1, probe.stderr  # once a process, however often it is probed
+
+    out = subprocess.run([PYTHON, "-m", "domainbed.scripts.train", "--dataset", "LinearToy"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 1
+    assert note in out.stderr and "the folder that contains 'domainbed/'" in out.stderr, out.stderr
+    assert "No module named 'domainbed'" in out.stderr  # Python's own error follows, unchanged
+
+    env.pop(ENV_VAR)  # unset: Python's error alone, as without the plugin
+    out = subprocess.run([PYTHON, "-m", "domainbed.scripts.train"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert "domainbed-fish" not in out.stderr and "No module named 'domainbed'" in out.stderr, out.stderr

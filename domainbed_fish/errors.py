@@ -54,6 +54,22 @@ class UnknownNameError(NotImplementedError, KeyError):
         return self.args[0]
 
 
+class InvalidBatchSizeError(ValueError):
+    """A training ``batch_size`` that is not a whole number >= 1 (``"8"``, ``8.0``, ``0``).
+
+    Without the check a string fails as an unexplained ``TypeError`` in a comparison and a
+    float or a non-positive value in torch's sampler, which names neither the
+    hyperparameter nor the fix.
+    """
+
+    def __init__(self, batch_size: object):
+        self.batch_size = batch_size
+        super().__init__(
+            f"batch_size {batch_size!r} is not a whole number >= 1, which DomainBed's training loaders need. "
+            "Pass it as a JSON integer, e.g. --hparams '{\"batch_size\": 32}' (not \"32\" or 32.0)."
+        )
+
+
 class BatchLargerThanSplitError(ValueError):
     """A training minibatch asks for more examples than its environment's split holds.
 

@@ -10,12 +10,13 @@ import io
 import json
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, PYTHON, requires_domainbed, roundtrip, subprocess_env
 
 from domainbed_fish import registry
-from domainbed_fish.errors import BatchLargerThanSplitError, UnknownNameError
+from domainbed_fish.errors import BatchLargerThanSplitError, InvalidBatchSizeError, UnknownNameError
 from domainbed_fish.fish import domain_schedule
 from domainbed_fish.locate import import_domainbed
 
@@ -524,6 +525,22 @@ def test_training_loader_rejects_a_batch_larger_than_its_split(domainbed, name):
             loader(split, torch.ones(13), 20, 0)
         (weighted,) = next(iter(loader(split, torch.ones(13), 13, 0)))
         assert sorted(weighted.tolist()) == list(range(13))
+
+
+@pytest.mark.parametrize("name", ["InfiniteDataLoader", "InfiniteDataLoaderWithoutReplacement"])
+@pytest.mark.parametrize("batch_size", ["8", 8.0, 0, -4, True, None])
+def test_training_loader_names_a_batch_size_that_is_no_whole_number(domainbed, name, batch_size):
+    # "8" (a string in --hparams) failed as TypeError: '>' not supported between 'str' and
+    # 'int'; 8.0, 0 and -4 in torch's sampler, naming neither the hyperparameter nor the fix.
+    loader = getattr(import_domainbed("lib.fast_data_loader"), name)
+    split = torch.utils.data.TensorDataset(torch.arange(13))
+    with pytest.raises(InvalidBatchSizeError) as error:
+        loader(split, None, batch_size, 0)
+    assert str(error.value) == (
+        f"batch_size {batch_size!r} is not a whole number >= 1, which DomainBed's training loaders need. "
+        "Pass it as a JSON integer, e.g. --hparams '{\"batch_size\": 32}' (not \"32\" or 32.0).")
+    (batch,) = next(iter(loader(split, None, np.int64(4), 0)))  # numpy's integers are whole numbers
+    assert batch.shape == (4,)
 
 
 def test_domainbed_train_script_fails_fast_on_a_batch_larger_than_the_split(domainbed, tmp_path):

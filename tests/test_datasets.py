@@ -303,6 +303,45 @@ def test_dataset_sizes_must_be_whole_numbers(domainbed, name, size_hparam):
             cls("", [0], {**hparams, "cdsprites_data_seed": -1})
 
 
+TOY_ENVIRONMENTS = "pass --test_envs 2, the intended test environment (environments: 0: domain1, 1: domain2, 2: heldout)"
+
+
+@pytest.mark.parametrize(("test_envs", "problem"), [
+    ([3], "--test_envs 3 names no environment (they are 0 … 2)"),
+    ([-1], "--test_envs -1 names no environment (they are 0 … 2)"),
+    ([2, 2], "--test_envs 2 2 repeats an environment, which DomainBed's train script would count twice as held out"),
+    ([0, 1, 2], "--test_envs 0 1 2 holds out every environment, leaving none to train on"),
+])
+def test_test_envs_that_hold_out_nothing_or_everything_are_refused(domainbed, test_envs, problem):
+    """DomainBed's train script trained on all three toy environments with --test_envs 3 or -1
+    (exit status 0), told the algorithm 1 training domain for 2 with 2 2, and stopped with a
+    bare StopIteration with 0 1 2."""
+    from domainbed import datasets, hparams_registry
+
+    hparams = {**hparams_registry.default_hparams("ERM", "LinearToy"), "toy_per_domain": 20}
+    with pytest.raises(ValueError) as error:
+        datasets.get_dataset_class("LinearToy")("", test_envs, hparams)
+    assert str(error.value) == f"LinearToy: {problem}; {TOY_ENVIRONMENTS}"
+    with pytest.raises(ValueError, match=r"^CdSprites5: --test_envs 6 names no environment \(they are 0 … 5\); "
+                                         r"pass --test_envs 5, the intended test environment \(environments: "
+                                         r"0: spurious0, .*, 5: decorrelated\)$"):
+        datasets.get_dataset_class("CdSprites5")("", [6], hparams_registry.default_hparams("ERM", "CdSprites5"))
+    assert len(datasets.get_dataset_class("LinearToy")("", [0, 2], hparams)) == 3  # two held out is fine
+
+
+def test_domainbed_train_script_refuses_a_test_env_out_of_range(domainbed, tmp_path):
+    proc = subprocess.run(
+        [PYTHON, "-m", "domainbed.scripts.train", "--dataset", "LinearToy", "--algorithm", "ERM", "--steps", "2",
+         "--test_envs", "3", "--hparams", json.dumps({"toy_per_domain": 20, "batch_size": 4}),
+         "--output_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env(),
+    )
+    assert proc.returncode != 0
+    # DomainBed's train script tees its stderr into the process's stdout (and err.txt).
+    assert f"ValueError: LinearToy: --test_envs 3 names no environment (they are 0 … 2); {TOY_ENVIRONMENTS}" in proc.stdout
+    assert not (tmp_path / "run" / "done").exists()
+
+
 @pytest.mark.parametrize(("name", "typo", "meant"), [("CdSprites5", "cdsprites_per_domian", "cdsprites_per_domain"),
                                                      ("CdSprites5", "cdsprites_seed", "cdsprites_data_seed"),
                                                      ("LinearToy", "toy_per_domian", "toy_per_domain")])

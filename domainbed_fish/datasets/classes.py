@@ -45,6 +45,28 @@ def _refuse_unknown(dataset: str, hparams: dict, specs, prefix: str) -> None:
     refuse_unknown_prefixed(hparams, known, prefix, owner=f"{dataset}: ")
 
 
+def _check_test_envs(dataset: str, test_envs: list[int] | None, environments: list[str], intended: int) -> None:
+    """Refuse ``test_envs`` that DomainBed's train script would take for nonsense silently: it
+    trains on every environment not listed, so one out of range holds nothing out (the job
+    trains on the intended test environment too and ends with status 0); a repeated one is
+    subtracted twice from the training domains the algorithm is told about; and holding out
+    every environment leaves no training data (a bare ``StopIteration`` at step 0)."""
+    test_envs = list(test_envs or [])
+    listing = ", ".join(f"{i}: {name}" for i, name in enumerate(environments))
+    fix = f"pass --test_envs {intended}, the intended test environment (environments: {listing})"
+    out_of_range = [e for e in test_envs
+                    if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < len(environments)]
+    if out_of_range:
+        raise ValueError(f"{dataset}: --test_envs {' '.join(map(str, out_of_range))} names no environment "
+                         f"(they are 0 … {len(environments) - 1}); {fix}")
+    if len(set(test_envs)) < len(test_envs):
+        raise ValueError(f"{dataset}: --test_envs {' '.join(map(str, test_envs))} repeats an environment, which "
+                         f"DomainBed's train script would count twice as held out; {fix}")
+    if len(test_envs) == len(environments):
+        raise ValueError(f"{dataset}: --test_envs {' '.join(map(str, test_envs))} holds out every environment, "
+                         f"leaving none to train on; {fix}")
+
+
 class CdSprites(_datasets.MultipleDomainDataset):
     """CdSprites-N: N spurious training domains, then the decorrelated environment.
 
@@ -63,6 +85,7 @@ class CdSprites(_datasets.MultipleDomainDataset):
 
     def __init__(self, root: str | None, test_envs: list[int], hparams: dict):
         super().__init__()
+        _check_test_envs(type(self).__name__, test_envs, self.ENVIRONMENTS, self.decorrelated_env())
         _refuse_unknown(type(self).__name__, hparams, CDSPRITES_HPARAMS, "cdsprites_")
         self.datasets = list(
             build_cdsprites(
@@ -114,6 +137,7 @@ class LinearToy(_datasets.MultipleDomainDataset):
 
     def __init__(self, root: str | None, test_envs: list[int], hparams: dict):
         super().__init__()
+        _check_test_envs(type(self).__name__, test_envs, self.ENVIRONMENTS, self.decorrelated_env())
         _refuse_unknown(type(self).__name__, hparams, LINEAR_TOY_HPARAMS, "toy_")
         size = _whole_number(type(self).__name__, hparams, LINEAR_TOY_HPARAMS, "toy_per_domain")
         self.datasets = [toy_domain(c, size) for c in (*TRAINING_COORDINATES, HELDOUT_COORDINATE)]

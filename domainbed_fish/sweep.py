@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,32 @@ def _refuse_unwritable_output_dir(output_dir: str) -> None:
                          "read-only file system); pass a directory you can write to. Nothing was launched.")
 
 
+#: Values of DomainBed's train script's ``--task``.
+TASKS = ("domain_generalization", "domain_adaptation")
+
+
+def _refuse_bad_train_options(pick: Callable[[str], Any]) -> None:
+    """Refuse the options DomainBed's train script would misread in every job, before any
+    job exists: it reads ``--steps 0`` and ``--checkpoint_freq 0`` as the dataset's default
+    (``args.steps or N_STEPS``), trains nothing yet writes ``done`` for negative steps,
+    evaluates every step for a negative ``checkpoint_freq``, fails every job on a
+    ``--holdout_fraction`` outside (0, 1) and on an unknown ``--task``."""
+    for name in ("steps", "checkpoint_freq"):
+        value = pick(name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name} {value}: DomainBed's train script would read "
+                             + ("0 as the dataset's default" if value == 0 else "a negative value as "
+                                + ("no training, and mark the job done" if name == "steps" else "every step"))
+                             + f"; pass --{name} 1 or more, or leave it out for the dataset's default")
+    holdout = pick("holdout_fraction")
+    if not 0 < holdout < 1:
+        raise SystemExit(f"error: --holdout_fraction {holdout}: it is the share of each environment held out for "
+                         "validation, so it must lie strictly between 0 and 1 (0 leaves no validation data and 1 "
+                         "no training data); DomainBed's default is 0.2")
+    if pick("task") not in TASKS:
+        raise SystemExit(f"error: --task {pick('task')!r}: DomainBed's train script knows {', '.join(TASKS)}")
+
+
 def resolve(args: argparse.Namespace) -> SweepConfig:
     """Command line over preset over defaults.
 
@@ -246,6 +272,7 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
                          "--n_hparams must be larger")
     if pick("n_trials") < 1:
         raise SystemExit(f"error: --n_trials {pick('n_trials')}: at least 1 trial is needed")
+    _refuse_bad_train_options(pick)
     hparams: dict[str, Any] = dict(preset.get("hparams") or {})
     hparams_string: str | None = None
     if args.hparams:
@@ -258,6 +285,11 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
         if not isinstance(user, dict):
             raise SystemExit("error: --hparams must be a JSON object, e.g. '{\"lr\": 1e-4}'")
         hparams.update(user)
+    batch_size = hparams.get("batch_size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        # every job would fail at its first loader (InvalidBatchSizeError), whatever the algorithm
+        raise SystemExit(f"error: --hparams: batch_size {batch_size!r} is not a whole number >= 1; pass it as a "
+                         "JSON integer, e.g. --hparams '{\"batch_size\": 32}'. Nothing was launched.")
         # The string is hashed into the job's directory: kept as typed, it names the
         # directory DomainBed's own sweep would, so either command resumes the other's sweep.
         hparams_string = args.hparams if not preset.get("hparams") else None

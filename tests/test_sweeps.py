@@ -301,6 +301,31 @@ def test_empty_ranges_repeated_names_and_bad_worker_counts(domainbed, tmp_path, 
     assert sorted(set(re.findall(r"hparams_seed=(\d+)", text))) == ["2", "3"]
     with pytest.raises(SystemExit, match=r"^error: --n_trials 0: at least 1 trial is needed$"):
         sweep_main(capsys, "dry_run", *argv, "--n_trials", "0")
+    # options DomainBed's train script would misread or fail on in every job
+    for option, message in [
+        (["--steps", "0"], r"--steps 0: DomainBed's train script would read 0 as the dataset's default; pass --steps 1 "
+                           r"or more, or leave it out for the dataset's default"),
+        (["--steps", "-5"], r"--steps -5: DomainBed's train script would read a negative value as no training, and "
+                            r"mark the job done; pass --steps 1 or more"),
+        (["--checkpoint_freq", "0"], r"--checkpoint_freq 0: DomainBed's train script would read 0 as the dataset's "
+                                     r"default; pass --checkpoint_freq 1 or more"),
+        (["--checkpoint_freq", "-1"], r"--checkpoint_freq -1: DomainBed's train script would read a negative value "
+                                      r"as every step; pass --checkpoint_freq 1 or more"),
+        (["--holdout_fraction", "1.5"], r"--holdout_fraction 1.5: it is the share of each environment held out for "
+                                        r"validation, so it must lie strictly between 0 and 1"),
+        (["--holdout_fraction", "0"], r"--holdout_fraction 0.0: it is the share"),
+        (["--holdout_fraction", "1"], r"--holdout_fraction 1.0: it is the share"),
+        (["--task", "dg"], r"--task 'dg': DomainBed's train script knows domain_generalization, domain_adaptation$"),
+        (["--hparams", '{"batch_size": "8"}'], r"--hparams: batch_size '8' is not a whole number >= 1; pass it as a "
+                                               r"JSON integer, e.g. --hparams '\{\"batch_size\": 32\}'"),
+        (["--hparams", '{"batch_size": 0}'], r"--hparams: batch_size 0 is not a whole number >= 1"),
+    ]:
+        with pytest.raises(SystemExit, match=r"^error: " + message):
+            sweep_main(capsys, "dry_run", *argv, *option)
+    _, text, _ = sweep_main(capsys, "dry_run", *argv, "--steps", "1", "--checkpoint_freq", "1", "--holdout_fraction",
+                            "0.5", "--task", "domain_adaptation", "--hparams", '{"batch_size": 1}')  # the edges
+    assert "Would launch 3 jobs." in text
+    assert not (tmp_path / "out").exists()
     # a name given twice is one set of jobs (DomainBed's sweep would count and make them twice)
     _, text, _ = sweep_main(capsys, "dry_run", *argv, "--datasets", "LinearToy", "LinearToy", "--algorithms", "ERM", "ERM")
     assert "Would launch 3 jobs." in text

@@ -81,6 +81,13 @@ class BatchLargerThanSplitError(ValueError):
     def __init__(self, batch_size: int, split_size: int):
         self.batch_size = batch_size
         self.split_size = split_size
+        if split_size == 0:  # "at most 0" would be no fix: nothing is left to train on
+            super().__init__(
+                f"batch_size {batch_size} is larger than a training split of 0 examples: this environment "
+                "keeps nothing for training. Lower --holdout_fraction (the share of each environment held "
+                "out; DomainBed's default 0.2), or give every environment more examples."
+            )
+            return
         super().__init__(
             f"batch_size {batch_size} is larger than a training split of {split_size} examples: "
             "DomainBed's InfiniteDataLoader would never fill a batch and the job would hang. "

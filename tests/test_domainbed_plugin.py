@@ -527,6 +527,18 @@ def test_training_loader_rejects_a_batch_larger_than_its_split(domainbed, name):
         assert sorted(weighted.tolist()) == list(range(13))
 
 
+def test_an_empty_training_split_is_not_told_to_use_a_batch_of_0(domainbed):
+    # --holdout_fraction 1 keeps nothing for training; the message said "at most 0", which the
+    # loaders refuse as a batch size.
+    loader = import_domainbed("lib.fast_data_loader").InfiniteDataLoader
+    with pytest.raises(BatchLargerThanSplitError) as error:
+        loader(torch.utils.data.TensorDataset(torch.arange(0)), None, 4, 0)
+    assert str(error.value) == (
+        "batch_size 4 is larger than a training split of 0 examples: this environment keeps nothing for "
+        "training. Lower --holdout_fraction (the share of each environment held out; DomainBed's default 0.2), "
+        "or give every environment more examples.")
+
+
 @pytest.mark.parametrize("name", ["InfiniteDataLoader", "InfiniteDataLoaderWithoutReplacement"])
 @pytest.mark.parametrize("batch_size", ["8", 8.0, 0, -4, True, None])
 def test_training_loader_names_a_batch_size_that_is_no_whole_number(domainbed, name, batch_size):

@@ -48,12 +48,36 @@ def domainbed_fingerprint() -> dict[str, Any]:
     return {"path": str(package.parent), "commit": commit, "sources_sha256": digest.hexdigest()}
 
 
+class CorruptManifestError(ValueError):
+    """``sweep_manifest.json`` is not what ``launch`` writes (edited by hand, or damaged)."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(
+            f"{path} is not a sweep manifest ({problem}). The job directories do not depend on it: move it "
+            f"aside (mv {path} {path}.bad) and run launch again with the sweep's options, which writes a new "
+            "one; status and delete_incomplete also work from the options (--preset or --datasets ...)."
+        )
+
+
 def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest of ``output_dir``, or ``None`` if there is none."""
+    """The manifest of ``output_dir``, or ``None`` if there is none.
+
+    Raises:
+        CorruptManifestError: it is no JSON, or not shaped as ``write_manifest`` writes it
+            (every reader indexes ``jobs`` and ``launches``, and would fail with a traceback).
+    """
     path = Path(output_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptManifestError(path, f"not JSON: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("jobs"), dict) \
+            or not all(isinstance(job, dict) for job in manifest["jobs"].values()) \
+            or not isinstance(manifest.get("launches", []), list):
+        raise CorruptManifestError(path, 'not an object with "jobs" (name: train arguments) and "launches"')
+    return manifest
 
 
 def write_manifest(output_dir: str | os.PathLike, jobs: dict[str, dict], options: dict[str, Any],
@@ -74,6 +98,7 @@ def write_manifest(output_dir: str | os.PathLike, jobs: dict[str, dict], options
     with open(output_dir / (MANIFEST_NAME + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest = read_manifest(output_dir) or {"jobs": {}, "launches": []}
+        manifest.setdefault("launches", [])
         manifest.update(
             plugin_version=domainbed_fish.__version__,
             domainbed=domainbed_fingerprint(),

@@ -548,10 +548,11 @@ def launch(config: SweepConfig, args: argparse.Namespace, argv: list[str] | None
     """Train every job that is not done and not running elsewhere."""
     import numpy as np
 
-    from domainbed_fish.manifest import write_manifest
+    from domainbed_fish.manifest import read_manifest, write_manifest
 
     jobs = make_jobs(config)
     check_hparams(jobs)
+    read_manifest(config.output_dir)  # a damaged one stops the launch here, not after the question
     print(summary(jobs))
     to_run = [j for j in jobs if j.state in (NOT_LAUNCHED, INCOMPLETE)]
     if to_run:
@@ -645,10 +646,11 @@ def delete_incomplete(jobs: Sequence[SweepJob], args: argparse.Namespace) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m sweeps`` / ``domainbed-fish-sweep``."""
     from domainbed_fish.locate import DomainBedNotFoundError
+    from domainbed_fish.manifest import CorruptManifestError
 
     try:
         return _main(argv)
-    except DomainBedNotFoundError as exc:
+    except (DomainBedNotFoundError, CorruptManifestError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 

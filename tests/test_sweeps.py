@@ -400,6 +400,36 @@ def test_the_manifest_merges_launches_and_names_domainbeds_commit(domainbed, tmp
     assert manifest["domainbed"]["commit"] == "0123abc"
 
 
+@requires_domainbed
+@pytest.mark.parametrize(("content", "problem"), [
+    ('{"jobs": ', "not JSON: Expecting value: line 1 column 10 (char 9)"),
+    ("[1, 2]", 'not an object with "jobs" (name: train arguments) and "launches"'),
+    ('{"jobs": {"x": 5}, "launches": []}', 'not an object with "jobs" (name: train arguments) and "launches"'),
+])
+def test_a_damaged_manifest_is_named_with_the_fix(domainbed, tmp_path, capsys, content, problem):
+    """status, report and launch ended in a JSONDecodeError, TypeError or AttributeError."""
+    manifest = tmp_path / "out" / "sweep_manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text(content)
+    expected = (f"error: {manifest} is not a sweep manifest ({problem}). The job directories do not depend on "
+                f"it: move it aside (mv {manifest} {manifest}.bad) and run launch again with the sweep's options, "
+                "which writes a new one; status and delete_incomplete also work from the options (--preset or "
+                "--datasets ...).")
+    for argv in (["status", "--output_dir", str(manifest.parent)],
+                 ["report", "--input_dir", str(manifest.parent), "--no_plots"],
+                 ["launch", "--datasets", "LinearToy", "--algorithms", "ERM", "--n_hparams", "1", "--n_trials", "1",
+                  "--selection", "training", "--steps", "1", "--output_dir", str(manifest.parent),
+                  "--skip_confirmation"]):
+        if argv[0] == "report":  # a job directory, so that the report gets as far as the manifest
+            (manifest.parent / "job").mkdir(exist_ok=True)
+            (manifest.parent / "job" / "results.jsonl").write_text(json.dumps(_record("LinearToy", "ERM", [2], 0, [(1.0, 1.0)] * 3)) + "\n")
+        with pytest.raises(SystemExit) as exit_info:
+            sweep_main(capsys, *argv)
+        assert str(exit_info.value) == expected
+    assert sorted(p.name for p in manifest.parent.iterdir()) == ["job", "sweep_manifest.json"]  # nothing launched
+    assert manifest.read_text() == content  # nor rewritten
+
+
 # ----------------------------------------------------------------------------- locks
 
 

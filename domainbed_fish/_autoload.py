@@ -9,7 +9,7 @@ algorithms, hyperparameters, datasets and launchers to that module, makes its
 training loaders fail with a clear error on a batch larger than their split, and lets
 its result scripts skip a killed job's truncated ``results.jsonl`` line.
 
-Set ``DOMAINBED_FISH_AUTOLOAD=0`` to switch the hook off for a process.
+Set ``DOMAINBED_FISH_AUTOLOAD=0`` (or ``false``, ``no``, ``off``) to switch the hook off for a process.
 """
 
 from __future__ import annotations
@@ -31,6 +31,19 @@ WATCHED_MODULES = frozenset(
 )
 
 _ENV_SWITCH = "DOMAINBED_FISH_AUTOLOAD"
+#: Spellings of the switch, compared lower-case: "false" used to leave the hook on silently.
+_OFF = ("0", "false", "no", "off")
+_ON = ("", "1", "true", "yes", "on")
+
+
+def _switched_off() -> bool:
+    """Whether ``DOMAINBED_FISH_AUTOLOAD`` turns the hook off; an unknown value leaves it on, and says so."""
+    value = os.environ.get(_ENV_SWITCH, "1").strip().lower()
+    if value not in _OFF + _ON:
+        sys.stderr.write(f"domainbed-fish: {_ENV_SWITCH}={os.environ[_ENV_SWITCH]!r} is neither on "
+                         f"({', '.join(_ON[1:])}) nor off ({', '.join(_OFF)}); the plugin stays on. "
+                         f"Set {_ENV_SWITCH}=0 to switch it off.\n")
+    return value in _OFF
 
 
 def _after_exec(module) -> None:
@@ -127,7 +140,7 @@ def _add_domainbed_dir_to_path() -> None:
 
 def install() -> None:
     """Install the hook once per interpreter (idempotent)."""
-    if os.environ.get(_ENV_SWITCH, "1") == "0":
+    if _switched_off():
         return
     if any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         return

@@ -44,6 +44,30 @@ def test_domainbed_import_registers_without_any_plugin_import():
     assert off.stdout.split() == ["False", "domainbed.algorithms"], off.stderr
 
 
+@requires_domainbed
+@pytest.mark.parametrize("value", ["false", "OFF", "no", " 0 "])
+def test_other_spellings_of_off_turn_the_hook_off(value):
+    """DOMAINBED_FISH_AUTOLOAD=false left the plugin registered, silently."""
+    code = "from domainbed import algorithms; print('IDGM' in algorithms.ALGORITHMS)"
+    if "domainbed_fish._autoload" not in run_python("import sys; print(list(sys.modules))").stdout:
+        pytest.skip("the package is not installed (pip install -e .), so its start-up .pth is absent")
+    out = run_python(code, DOMAINBED_FISH_AUTOLOAD=value)
+    assert (out.stdout.strip(), out.stderr) == ("False", "")
+
+
+@requires_domainbed
+def test_an_unknown_switch_value_leaves_the_hook_on_and_says_so():
+    code = "from domainbed import algorithms; print('IDGM' in algorithms.ALGORITHMS)"
+    if "domainbed_fish._autoload" not in run_python("import sys; print(list(sys.modules))").stdout:
+        pytest.skip("the package is not installed (pip install -e .), so its start-up .pth is absent")
+    out = run_python(code, DOMAINBED_FISH_AUTOLOAD="maybe")
+    assert out.stdout.strip() == "True"
+    assert out.stderr == ("domainbed-fish: DOMAINBED_FISH_AUTOLOAD='maybe' is neither on (1, true, yes, on) nor "
+                          "off (0, false, no, off); the plugin stays on. Set DOMAINBED_FISH_AUTOLOAD=0 to switch "
+                          "it off.\n")
+    assert run_python(code, DOMAINBED_FISH_AUTOLOAD="True").stderr == ""
+
+
 #: DomainBed's modules the plugin registers into (written out, not read from the hook).
 REGISTERED_MODULES = ["domainbed.algorithms", "domainbed.networks", "domainbed.hparams_registry", "domainbed.datasets",
                       "domainbed.command_launchers", "domainbed.lib.fast_data_loader", "domainbed.lib.reporting"]

@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--include_incomplete", action="store_true",
                         help="also use records of jobs that did not finish")
     report.add_argument("--no_plots", action="store_true")
+    # Listed for --help and the invalid-choice message only: main() hands "reproduce ..." over
+    # before parsing, so the reproduction's own options and --help apply.
+    sub.add_parser("reproduce", help="the paper's own experiments: python -m domainbed_fish.reproduction "
+                                     "(its options; reproduce --help lists them)")
     return parser
 
 
@@ -648,6 +652,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from domainbed_fish.locate import DomainBedNotFoundError
     from domainbed_fish.manifest import CorruptManifestError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["reproduce"]:  # also for domainbed-fish-sweep, not only python -m sweeps
+        from domainbed_fish.reproduction.__main__ import main as reproduce
+
+        return reproduce(argv[1:])
     try:
         return _main(argv)
     except (DomainBedNotFoundError, CorruptManifestError) as exc:

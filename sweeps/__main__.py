@@ -5,11 +5,6 @@
 
 import sys
 
-if len(sys.argv) > 1 and sys.argv[1] == "reproduce":
-    from domainbed_fish.reproduction.__main__ import main as reproduce
-
-    sys.exit(reproduce(sys.argv[2:]))
-
-from domainbed_fish.sweep import main
+from domainbed_fish.sweep import main  # hands "reproduce ..." to the reproduction
 
 sys.exit(main())

@@ -401,6 +401,22 @@ def test_the_manifest_merges_launches_and_names_domainbeds_commit(domainbed, tmp
 
 
 @requires_domainbed
+def test_reproduce_is_a_sweep_command_everywhere(domainbed, tmp_path, capsys):
+    """domainbed-fish-sweep reproduce and python -m domainbed_fish.sweep reproduce failed with
+    "invalid choice: 'reproduce'" (only python -m sweeps knew it), and no --help listed it."""
+    from domainbed_fish.sweep import build_parser
+
+    status, out, _ = sweep_main(capsys, "reproduce", "--quick", "--dry_run", "--output_dir", str(tmp_path / "r"))
+    assert status == 0 and out.startswith("preset quick: 11 jobs, 0 already done, output in ")
+    assert out.rstrip().endswith("to do   CdSprites5-ERM-seed0-bd456363")
+    assert "reproduce the paper's own experiments: python -m domainbed_fish.reproduction" in \
+        " ".join(build_parser().format_help().split())
+    with pytest.raises(SystemExit):
+        sweep_main(capsys, "reproduc")
+    assert "'reproduce')" in capsys.readouterr().err  # the invalid-choice message lists it
+
+
+@requires_domainbed
 @pytest.mark.parametrize(("content", "problem"), [
     ('{"jobs": ', "not JSON: Expecting value: line 1 column 10 (char 9)"),
     ("[1, 2]", 'not an object with "jobs" (name: train arguments) and "launches"'),

@@ -289,14 +289,14 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
         if not isinstance(user, dict):
             raise SystemExit("error: --hparams must be a JSON object, e.g. '{\"lr\": 1e-4}'")
         hparams.update(user)
+        # The string is hashed into the job's directory: kept as typed, it names the
+        # directory DomainBed's own sweep would, so either command resumes the other's sweep.
+        hparams_string = args.hparams if not preset.get("hparams") else None
     batch_size = hparams.get("batch_size", 1)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         # every job would fail at its first loader (InvalidBatchSizeError), whatever the algorithm
         raise SystemExit(f"error: --hparams: batch_size {batch_size!r} is not a whole number >= 1; pass it as a "
                          "JSON integer, e.g. --hparams '{\"batch_size\": 32}'. Nothing was launched.")
-        # The string is hashed into the job's directory: kept as typed, it names the
-        # directory DomainBed's own sweep would, so either command resumes the other's sweep.
-        hparams_string = args.hparams if not preset.get("hparams") else None
     selection_value = pick("selection")
     if selection_value is None:
         selection_value = "training,oracle" if args.single_test_envs else "all"

@@ -295,3 +295,85 @@ def test_learning_curve_reports_a_diverged_run_on_one_line_and_fails() -> None:
     diverged_at = int(last.split()[1])
     assert 0 < diverged_at < 6
     assert len([line for line in run.stdout.splitlines() if line.startswith("step")]) == diverged_at + 1
+
+
+def test_race_table_counts_exactly_90_as_a_win_and_exactly_60_as_a_loss() -> None:
+    """The table's columns are '≥ 90%' and '≤ 60%': a seed ending on either edge counts."""
+    race = load_benchmark("cdsprites_race")
+    lines = [{"label": "a", "seed": s, "selected": acc, "train_seconds": 10.0}
+             for s, acc in enumerate([0.90, 0.60, 0.75])]
+    rows = race.table(lines, [{"label": "a"}]).splitlines()
+    # SE: population std √150 over √3 = 7.07
+    assert rows[2] == "| a | 3 | 75.0 ± 7.1 | 1 | 1 | 0 | 90 60 75 | 10 |"
+
+
+def test_race_grid_refuses_a_missing_or_shared_label_and_an_unknown_only(tmp_path: Path) -> None:
+    race = load_benchmark("cdsprites_race")
+    setting = {"label": "a", "algorithm": "Fish", "n": 5, "steps": 11, "seeds": 1}
+    grid = tmp_path / "grid.json"
+    for settings in ([setting, {**setting, "n": 15}],  # the label twice: their lines would mix in the table
+                     [{k: v for k, v in setting.items() if k != "label"}]):
+        grid.write_text(json.dumps(settings))
+        with pytest.raises(SystemExit, match="every setting needs its own 'label'"):
+            race.load_grid(grid)
+    grid.write_text(json.dumps([setting]))
+    with pytest.raises(SystemExit, match=r"--only names settings not in .*: \['b'\]; it has \['a'\]"):
+        race.load_grid(grid, {"a", "b"})
+    assert race.load_grid(grid, {"a"}) == [setting]
+
+
+def test_race_setting_hparams_go_over_the_default_presets_sizes() -> None:
+    race = load_benchmark("cdsprites_race")
+    assert race.BASE_HPARAMS == {"cdsprites_per_domain": 1000, "batch_size": 32}  # the module doc's sizes
+    [(_, job)] = race.grid_jobs([{"label": "a", "algorithm": "Fish", "n": 5, "steps": 11, "seeds": 1,
+                                  "hparams": {"batch_size": 8, "lr": 0.01}}])
+    assert job.hparams == {"cdsprites_per_domain": 1000, "batch_size": 8, "lr": 0.01}
+
+
+def test_race_reads_the_error_off_a_traceback_that_shows_the_raise() -> None:
+    """A real traceback quotes the line that raised, which names the error too; the message is
+    the exception's own line, the last one that names it."""
+    race = load_benchmark("cdsprites_race")
+    tail = ("Traceback (most recent call last):\n  File \"idgm.py\", line 257, in _check_finite\n"
+            "    raise NonFiniteLossError(\"IDGM\", self.num_updates, domain, float(values[bad]), what)\n"
+            "domainbed_fish.errors.NonFiniteLossError: IDGM: non-finite loss (nan) at update step 2.\n"
+            "(exit status 1)")
+    assert race.divergence(tail) == "IDGM: non-finite loss (nan) at update step 2."
+
+
+@requires_domainbed
+def test_race_summary_line_of_a_job_reads_its_checkpoints(tmp_path: Path) -> None:
+    """Selected: the test accuracy at the best mean validation accuracy of the training domains
+    (0 … N − 1, never the decorrelated environment N); final: the last checkpoint's."""
+    from domainbed_fish.reproduction.jobs import run_dir
+    from domainbed_fish.reproduction.presets import TrainJob
+
+    race = load_benchmark("cdsprites_race")
+    job = TrainJob("CdSprites2", "ERM", 3, 2, 10, 5, {"batch_size": 4}, label="erm")
+
+    def record(step: int, val0: float, val1: float, decorrelated_out: float, test: float, loss: float,
+               step_time: float) -> dict:
+        return {"step": step, "args": {"test_envs": [2]}, "env0_out_acc": val0, "env1_out_acc": val1,
+                "env2_out_acc": decorrelated_out, "env0_in_acc": 0.5, "env1_in_acc": 0.5, "env2_in_acc": test,
+                "loss": loss, "step_time": step_time}
+
+    # written out of order; with env 2's held-out accuracy, step 9 would be the best (0.83 > 0.6)
+    records = [record(5, 0.9, 0.8, 0.1, 0.7, 0.3, 0.5), record(0, 0.5, 0.5, 0.5, 0.5, 0.7, 1.0),
+               record(9, 0.8, 0.7, 1.0, 0.6, 0.2, 0.25)]
+    run = run_dir(tmp_path, job)
+    run.mkdir(parents=True)
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    line = race.job_summary("erm", job, tmp_path)
+    assert line["curve"] == [{"step": 0, "test": 0.5, "loss": 0.7, "val": 0.5},
+                             {"step": 5, "test": 0.7, "loss": 0.3, "val": 0.85},
+                             {"step": 9, "test": 0.6, "loss": 0.2, "val": 0.75}]
+    assert (line["selected"], line["final"]) == (0.7, 0.6)
+    assert line["train_seconds"] == 4.5  # 1.0 s × 1 step + 0.5 s × 5 + 0.25 s × 4
+    assert (line["label"], line["algorithm"], line["n"], line["seed"], line["steps"], line["hparams"]) == (
+        "erm", "ERM", 2, 3, 10, {"batch_size": 4})
+    assert "diverged" not in line
+
+    diverged = race.job_summary("erm", job, tmp_path, "ERM: non-finite loss")
+    assert (diverged["selected"], diverged["final"], diverged["diverged"]) == (None, None, "ERM: non-finite loss")
+    assert diverged["curve"] == line["curve"]

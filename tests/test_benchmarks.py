@@ -92,7 +92,9 @@ def test_step_time_writes_the_table_of_record_only_for_a_finished_run_of_the_def
     parser = step_time.build_parser()
     every_network = [(key, 3, 32) for key in step_time.NETWORKS]
     assert step_time.is_record_run(parser, parser.parse_args([]), every_network)
-    for fewer in (["--repeats", "1"], ["--domains", "2"], ["--resnet-batch", "1"], ["--algorithms", "ERM", "Fish"]):
+    for fewer in (["--repeats", "1"], ["--domains", "2"], ["--resnet-batch", "1"], ["--algorithms", "ERM", "Fish"],
+                  ["--batch", "16"], ["--resnet-domains", "3"], ["--resnet-repeats", "1"], ["--warmup", "1"],
+                  ["--resnet-warmup", "2"], ["--threads", "2"]):
         assert not step_time.is_record_run(parser, parser.parse_args(fewer), every_network), fewer
     assert not step_time.is_record_run(parser, parser.parse_args([]), every_network[:-1])
 
@@ -377,3 +379,158 @@ def test_race_summary_line_of_a_job_reads_its_checkpoints(tmp_path: Path) -> Non
     diverged = race.job_summary("erm", job, tmp_path, "ERM: non-finite loss")
     assert (diverged["selected"], diverged["final"], diverged["diverged"]) == (None, None, "ERM: non-finite loss")
     assert diverged["curve"] == line["curve"]
+
+
+@requires_domainbed
+def test_step_time_hparams_turn_off_what_the_benchmark_does_not_time() -> None:
+    step_time = load_benchmark("step_time")
+    nets = step_time.NETWORKS
+    fish = step_time.hparams_for("Fish", nets["cdsprites"])
+    assert (fish["gip_every"], fish["fish_warmup_steps"]) == (0, 0)  # no Ĝ diagnostic, no ERM warm-up
+    assert step_time.hparams_for("IDGM", nets["mnist"])["idgm_penalty_anneal_iters"] == 0
+    # torchvision's ResNet-18/50, not the AugMix ResNet-50 DomainBed picks by default
+    for key, resnet18 in (("resnet18", True), ("resnet50", False)):
+        hparams = step_time.hparams_for("ERM", nets[key])
+        assert (hparams["resnet18"], hparams["resnet50_augmix"]) == (resnet18, False), key
+
+
+@requires_domainbed
+def test_step_time_builds_every_algorithm_on_the_same_weights() -> None:
+    step_time = load_benchmark("step_time")
+    net, cpu = step_time.NETWORKS["mnist"], torch.device("cpu")
+    erm = step_time.build("ERM", net, 3, cpu)
+    torch.rand(100)  # whatever ran in between
+    fish = step_time.build("Fish", net, 3, cpu)
+    for a, b in zip(erm.network.state_dict().values(), fish.network.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@requires_domainbed
+def test_step_time_floor_is_fishs_inner_steps_on_a_copy(monkeypatch) -> None:
+    """The floor's S plain steps are the inner loop of a Fish step from the same weights: with ε = meta_lr,
+    Fish's θ' = θ + ε(θ̃ − θ) for θ̃ the floor's weights."""
+    step_time = load_benchmark("step_time")
+    net, cpu = step_time.NETWORKS["mnist"], torch.device("cpu")
+    fish = step_time.build("Fish", net, 3, cpu)
+    config = fish.fish.config
+    assert (config.epsilon, config.meta_steps, config.random_order) == ("meta_lr", None, False)
+    minibatches = step_time.make_minibatches(net, 3, 4, cpu)
+    floor_params: list[list[torch.Tensor]] = []
+    real_make_optimizer = step_time.make_optimizer
+
+    def recording_make_optimizer(name, params, *args):
+        floor_params.append(params := list(params))
+        return real_make_optimizer(name, params, *args)
+
+    monkeypatch.setattr(step_time, "make_optimizer", recording_make_optimizer)
+    theta = [p.detach().clone() for p in fish.network.parameters()]
+    step_time.fish_floor(fish, minibatches)()
+    for p, before in zip(fish.network.parameters(), theta, strict=True):
+        assert torch.equal(p, before)  # the floor trained a copy
+    fish.update(minibatches)
+    for p, before, inner in zip(fish.network.parameters(), theta, floor_params[0], strict=True):
+        torch.testing.assert_close(p.detach(), before + config.meta_lr * (inner.detach() - before))
+
+
+def test_step_time_case_times_each_algorithm_in_rotating_rounds(monkeypatch) -> None:
+    """Stand-in algorithms that take known times on a stand-in clock."""
+    step_time = load_benchmark("step_time")
+    seconds = {"ERM": 1.0, "FishDomainBed": 4.0, "Fish": 3.0, step_time.FLOOR: 2.0}
+    now, log, rss_asked = [0.0], [], []
+
+    def timed(name: str):
+        def call(*_) -> None:
+            log.append(name)
+            now[0] += seconds[name]
+        return call
+
+    class StandIn:
+        def __init__(self, name: str) -> None:
+            self.update = timed(name)
+
+    monkeypatch.setattr(step_time, "build", lambda name, *_: StandIn(name))
+    monkeypatch.setattr(step_time, "fish_floor", lambda *_: timed(step_time.FLOOR))
+    monkeypatch.setattr(step_time, "time", type("Clock", (), {"process_time": staticmethod(lambda: now[0]),
+                                                              "perf_counter": staticmethod(lambda: now[0])}))
+    monkeypatch.setattr(step_time, "rss_in_fresh_process", lambda *args: rss_asked.append(args[-1]) or 7)
+    rows = step_time.run_case(step_time.NETWORKS["mnist"], 3, 2, 4, 2, ["ERM", "FishDomainBed", "Fish"],
+                              torch.device("cpu"), rss=True)
+
+    E, D, F, L = "ERM", "FishDomainBed", "Fish", step_time.FLOOR
+    assert log[:8] == [E, E, D, D, F, F, L, L]  # --warmup 2 each, untimed
+    assert log[8:] == [E, D, F, L, D, F, L, E, F, L, E, D, L, E, D, F]  # round k starts k places on
+    got = {r["algorithm"]: (r["median_s"], r["times_s"], r["vs_erm"], r["vs_floor"], r["rss_peak_bytes"])
+           for r in rows}
+    assert got == {E: (1.0, [1.0] * 4, 1.0, None, 7), D: (4.0, [4.0] * 4, 4.0, 2.0, 7),
+                   F: (3.0, [3.0] * 4, 3.0, 1.5, 7), L: (2.0, [2.0] * 4, 2.0, 1.0, None)}
+    assert rss_asked == [E, D, F]  # the floor is no algorithm to start a process for
+
+
+def test_step_time_targets_are_judged_on_their_own_cases_and_bounds() -> None:
+    step_time = load_benchmark("step_time")
+    mnist, r18, r50 = "MNIST_CNN 1×28×28", "ResNet-18 3×224×224", "ResNet-50 3×224×224"
+    linear = 10 / 3 * 1.1  # the S = 10 over S = 3 bound, exactly
+
+    def row(network: str, s: int, b: int, algorithm: str, vs_erm: float, vs_floor: float | None = None,
+            median_s: float = 1.0) -> dict:
+        return {"network": network, "S": s, "batch": b, "algorithm": algorithm, "vs_erm": vs_erm,
+                "vs_floor": vs_floor, "median_s": median_s, "tensor_peak_bytes": 2**20}
+
+    cpu_rows = [row(mnist, 3, 32, "FishDomainBed", 2.0, 1.2), row(mnist, 3, 32, "Fish", 1.5, 1.05),
+                row(mnist, 3, 32, "IDGM", 3.5), row(mnist, 10, 32, "IDGM", 3.6, median_s=linear),
+                row(mnist, 3, 16, "IDGM", 9.0),  # not the normal batch: no target
+                row(r18, 3, 8, "IDGM", 3.6), row(r18, 10, 8, "IDGM", 3.0, median_s=4.0), row(r18, 3, 1, "IDGM", 2.0)]
+    assert step_time.check_targets(cpu_rows, {False: 32, True: 8}, torch.device("cpu")) == [
+        f"- Fish ≤ 1.05 × floor, {mnist} S=3 b=32: 1.050 (built-in 1.200): holds",
+        f"- Fish memory ≤ built-in, {mnist} S=3 b=32: 1.0 vs 1.0 MiB (+0 bytes): holds",
+        f"- IDGM ≤ 3.5 × ERM, {mnist} S=3 b=32: 3.50: holds",
+        f"- IDGM ≤ 3.5 × ERM, {mnist} S=10 b=32: 3.60: MISSED",
+        f"- IDGM linear in S, {mnist} b=32: S=10 / S=3 = 3.67 (at most 3.67): holds",
+        f"- IDGM ≤ 3.5 × ERM, {r18} S=3 b=8: 3.60: MISSED",
+        f"- IDGM ≤ 3.5 × ERM, {r18} S=10 b=8: 3.00: holds",
+        f"- IDGM linear in S, {r18} b=8: S=10 / S=3 = 4.00 (at most 3.67): MISSED",
+    ]
+    # On a GPU: no CPU-time targets; the GPU target is ResNet-50's alone.
+    gpu_rows = [row(r50, 3, 32, "FishDomainBed", 2.0, 1.2), row(r50, 3, 32, "Fish", 1.3, 1.5),
+                row(r18, 3, 32, "Fish", 1.0, 1.0), row(r50, 3, 8, "IDGM", 9.0)]
+    assert step_time.check_targets(gpu_rows, {False: 32, True: 8}, torch.device("cuda")) == [
+        f"- Fish memory ≤ built-in, {r50} S=3 b=32: 1.0 vs 1.0 MiB (+0 bytes): holds",
+        f"- GPU: Fish ≤ 1.3 × ERM, {r50} S=3 b=32: 1.30 (built-in 2.00): holds",
+    ]
+
+
+@requires_domainbed
+def test_step_time_runs_the_grid_of_its_options_then_the_cases(monkeypatch, capsys) -> None:
+    """main's cases, rounds and RSS choice, read off a stand-in run_case."""
+    step_time = load_benchmark("step_time")
+    ran, reports = [], []
+    monkeypatch.setattr(step_time, "patch_torchvision_resnets", lambda: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave this process's threads alone
+    monkeypatch.setattr(step_time, "run_case", lambda network, s, b, repeats, warmup, names, device, rss:
+                        ran.append((network.label, s, b, repeats, warmup, rss)) or [])
+    monkeypatch.setattr(step_time, "report", lambda args, device, rows, startup, seconds, partial:
+                        reports.append((args.whole_grid, partial)) or "")
+
+    def main(*argv: str) -> None:
+        ran.clear()
+        reports.clear()
+        monkeypatch.setattr(sys, "argv", ["step_time.py", "--startup-runs", "0", *argv])
+        step_time.main()
+
+    main()  # the default grid: every network; the ResNets at their batches, rounds and no RSS
+    small = [(step_time.NETWORKS[key].label, s, 32, 15, 2, True) for key in ("mnist", "cdsprites") for s in (3, 5, 10)]
+    big = [(step_time.NETWORKS[key].label, s, b, 3, 1, False)
+           for key in ("resnet18", "resnet50") for b in (8, 1) for s in (3, 5, 10)]
+    assert ran == small + big
+    assert reports == [(True, f"partial: {k} of 18 cases") for k in range(1, 18)] + [(True, None)]
+
+    main("--networks", "resnet18", "--domains", "4", "--resnet-domains", "2", "--resnet-batch", "2", "--batch", "16",
+         "--resnet-repeats", "5", "--resnet-warmup", "3", "--cases", "mnist:7:5", "--rss", "all")
+    assert ran == [("ResNet-18 3×224×224", 2, 2, 5, 3, True), ("MNIST_CNN 1×28×28", 7, 5, 15, 2, True)]
+    assert reports == [(False, "partial: 1 of 2 cases"), (False, None)]
+    main("--cases", "cdsprites:5:4")  # just that case, not the grid as well
+    assert ran == [("CdSprites CNN 3×64×64", 5, 4, 15, 2, True)]
+
+    with pytest.raises(SystemExit):
+        main("--cases", "resnet34:3:8")
+    assert "--cases 'resnet34:3:8': expected NETWORK:S:BATCH" in capsys.readouterr().err

@@ -266,12 +266,12 @@ def test_race_runs_through_domainbeds_train_script_and_resumes(tmp_path: Path) -
 @pytest.mark.parametrize("algorithm", ["IDGM", "ERM"])
 def test_learning_curve_prints_idgms_penalty_and_only_idgms(algorithm: str) -> None:
     command = [sys.executable, str(BENCHMARKS / "cdsprites_learning_curve.py"), "--algorithm", algorithm,
-               "--domains", "5", "--steps", "3", "--every", "1", "--threads", "1",
+               "--domains", "5", "--steps", "4", "--every", "2", "--threads", "1",
                "--hparams", json.dumps({"cdsprites_per_domain": 20, "batch_size": 4, "idgm_penalty_bound": 0.5})]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     lines = [line for line in run.stdout.splitlines() if line.startswith("step")]
-    assert len(lines) == 3
+    assert [int(line.split()[1]) for line in lines] == [0, 2, 3]  # every 2nd step, and the last
     for line in lines:
         fields = line.split()
         if algorithm == "ERM":
@@ -534,3 +534,26 @@ def test_step_time_runs_the_grid_of_its_options_then_the_cases(monkeypatch, caps
     with pytest.raises(SystemExit):
         main("--cases", "resnet34:3:8")
     assert "--cases 'resnet34:3:8': expected NETWORK:S:BATCH" in capsys.readouterr().err
+
+
+def test_learning_curve_holds_out_a_fifth_of_each_domain() -> None:
+    learning_curve = load_benchmark("cdsprites_learning_curve")
+    x, y = torch.arange(20.0)[:, None], torch.arange(20)
+    (train_x, train_y), (val_x, val_y) = learning_curve.split(x, y, torch.Generator().manual_seed(0))
+    assert (len(train_y), len(val_y)) == (16, 4)  # DomainBed's holdout fraction, 0.2
+    assert sorted(train_y.tolist() + val_y.tolist()) == list(range(20))
+    assert torch.equal(train_x[:, 0].long(), train_y) and torch.equal(val_x[:, 0].long(), val_y)
+
+
+@requires_domainbed
+def test_learning_curve_setup_layers_the_hparams_and_seeds_everything() -> None:
+    learning_curve = load_benchmark("cdsprites_learning_curve")
+    # the preset's 1,000 sprites over CdSprites' default 2,000; --hparams over the preset's batch of 32
+    dataset, _, hparams, _ = learning_curve.setup("ERM", 5, 0, '{"batch_size": 4}')
+    assert (hparams["cdsprites_per_domain"], hparams["batch_size"], len(dataset[0])) == (1000, 4, 1000)
+    draws = []
+    for seed in (3, 3, 4):
+        *_, generator = learning_curve.setup("ERM", 5, seed, '{"cdsprites_per_domain": 20}')
+        draws.append((torch.rand(3), torch.rand(3, generator=generator)))
+    assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1], strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(draws[0], draws[2], strict=True))  # another seed, other draws

@@ -557,3 +557,35 @@ def test_learning_curve_setup_layers_the_hparams_and_seeds_everything() -> None:
         draws.append((torch.rand(3), torch.rand(3, generator=generator)))
     assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1], strict=True))
     assert not any(torch.equal(a, b) for a, b in zip(draws[0], draws[2], strict=True))  # another seed, other draws
+
+
+@requires_domainbed
+def test_memory_format_builds_both_layouts_on_cdsprites_defaults_and_the_same_weights() -> None:
+    from domainbed_fish.locate import import_domainbed
+
+    memory_format = load_benchmark("cdsprites_memory_format")
+    # S = 3 has no CdSprites-3: the smallest CdSprites' defaults, not DomainBed's generic ones
+    defaults = import_domainbed("hparams_registry").default_hparams("ERM", "CdSprites5")
+    models = [memory_format.build("ERM", 3, 4, layout) for layout in memory_format.LAYOUTS.values()]
+    for model in models:
+        assert model.hparams == {**defaults, "batch_size": 4}
+    torch.rand(1)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_memory_format_compare_alternates_and_reports_channels_last_over_nchw(monkeypatch, capsys) -> None:
+    memory_format = load_benchmark("cdsprites_memory_format")
+    now, log = [0.0], []
+
+    def takes(name: str, seconds: float):
+        def call() -> None:
+            log.append(name)
+            now[0] += seconds
+        return call
+
+    monkeypatch.setattr(memory_format, "time", type("Clock", (), {"process_time": staticmethod(lambda: now[0])}))
+    memory_format.compare("case", {"NCHW": takes("NCHW", 2.0), "channels-last": takes("channels-last", 1.0)}, 4)
+    assert capsys.readouterr().out == "| case | 2000.0 | 1000.0 | 0.50 |\n"
+    firsts = log[::2]
+    assert firsts.count("NCHW") == firsts.count("channels-last") == 2  # neither always runs first

@@ -1484,6 +1484,28 @@ def test_usage_names_the_command_as_started_not_one_that_works_only_in_the_repos
             assert proc.stdout.startswith(f"usage: {name} "), proc.stdout[:200]
 
 
+@pytest.mark.parametrize(("argv", "called"), [
+    (["reproduce", "--quick", "--dry_run"], ("reproduce", ["--quick", "--dry_run"])),
+    (["status", "--output_dir", "o"], ("sweep", None)),
+    ([], ("sweep", None)),  # no command: the sweep command's usage error, not an IndexError
+])
+def test_python_m_sweeps_hands_reproduce_on_and_returns_the_commands_status(monkeypatch, argv, called):
+    """``sweeps/__main__.py`` run as ``python -m sweeps`` does, with both commands stood in for."""
+    import runpy
+
+    import domainbed_fish.reproduction.__main__ as reproduction
+    from domainbed_fish import sweep
+
+    calls = []
+    monkeypatch.setattr(reproduction, "main", lambda args: calls.append(("reproduce", args)) or 3)
+    monkeypatch.setattr(sweep, "main", lambda: calls.append(("sweep", None)) or 4)
+    monkeypatch.setattr(sys, "argv", [str(REPO / "sweeps" / "__main__.py"), *argv])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(REPO / "sweeps" / "__main__.py"), run_name="__main__")
+    assert calls == [called]
+    assert exited.value.code == (3 if called[0] == "reproduce" else 4)  # a failed launch fails the shell script
+
+
 def test_report_without_matplotlib_says_so_before_writing_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails, as when absent
     (tmp_path / "sweep" / "job0").mkdir(parents=True)

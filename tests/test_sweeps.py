@@ -1486,11 +1486,12 @@ def test_usage_names_the_command_as_started_not_one_that_works_only_in_the_repos
 
 @pytest.mark.parametrize(("argv", "called"), [
     (["reproduce", "--quick", "--dry_run"], ("reproduce", ["--quick", "--dry_run"])),
-    (["status", "--output_dir", "o"], ("sweep", None)),
-    ([], ("sweep", None)),  # no command: the sweep command's usage error, not an IndexError
+    (["status", "--output_dir", "o"], ("sweep", ["status", "--output_dir", "o"])),
+    ([], ("sweep", [])),  # no command: the sweep command's usage error, not an IndexError
 ])
 def test_python_m_sweeps_hands_reproduce_on_and_returns_the_commands_status(monkeypatch, argv, called):
-    """``sweeps/__main__.py`` run as ``python -m sweeps`` does, with both commands stood in for."""
+    """``sweeps/__main__.py`` run as ``python -m sweeps`` does, with both commands stood in for
+    (``sweep.main`` is what hands ``reproduce`` on, for ``domainbed-fish-sweep`` as well)."""
     import runpy
 
     import domainbed_fish.reproduction.__main__ as reproduction
@@ -1498,7 +1499,7 @@ def test_python_m_sweeps_hands_reproduce_on_and_returns_the_commands_status(monk
 
     calls = []
     monkeypatch.setattr(reproduction, "main", lambda args: calls.append(("reproduce", args)) or 3)
-    monkeypatch.setattr(sweep, "main", lambda: calls.append(("sweep", None)) or 4)
+    monkeypatch.setattr(sweep, "_main", lambda args: calls.append(("sweep", args)) or 4)
     monkeypatch.setattr(sys, "argv", [str(REPO / "sweeps" / "__main__.py"), *argv])
     with pytest.raises(SystemExit) as exited:
         runpy.run_path(str(REPO / "sweeps" / "__main__.py"), run_name="__main__")

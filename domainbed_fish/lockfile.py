@@ -20,12 +20,40 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 #: Name of the lock file inside a job's output directory.
 LOCK_NAME = ".domainbed_fish.lock"
+
+
+class LockFileError(OSError):
+    """A job's lock path that no process can lock: a directory, a dangling symbolic link, a
+    FIFO… (a damaged job directory; the plugin only ever makes a regular file there), or a
+    file this user may not open.  The message names the path and the fix."""
+
+
+def damaged_lock(path: Path) -> LockFileError | None:
+    """The error for ``path`` when something other than a regular file (or a link to one) is
+    there; ``None`` when it is such a file or absent (``acquire`` creates it)."""
+    try:
+        mode = os.stat(path).st_mode  # follows a link: its target must be the file
+    except FileNotFoundError:
+        if not os.path.islink(path):
+            return None
+        what = "a dangling symbolic link"  # opening it would create a file outside the job directory
+    except OSError as exc:  # a link loop, say
+        what = f"unusable ({exc.strerror})"
+    else:
+        if stat.S_ISREG(mode):
+            return None
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    remove = "rm -r" if what == "a directory" else "rm"
+    return LockFileError(
+        f"the job's lock file {path} is {what}, which no process can lock (a damaged job directory); "
+        f"remove it ({remove} '{path}') and run the same command again")
 
 
 class JobLock:
@@ -46,14 +74,24 @@ class JobLock:
 
         ``patience_s``: how long to retry first, because :func:`is_locked` probes by
         taking the lock for a few microseconds and must not make a launch skip a job.
+        Raises :class:`LockFileError` when the lock path cannot be a lock (see there).
         """
         deadline = time.monotonic() + patience_s
         while True:
             self.job_dir.mkdir(parents=True, exist_ok=True)
+            # Checked before the open: a FIFO would block it, and a link dangling into a
+            # missing directory would fail it with FileNotFoundError forever (the retry below).
+            damage = damaged_lock(self.path)
+            if damage is not None:
+                raise damage
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:  # delete_incomplete removed the directory after mkdir
                 continue
+            except PermissionError as exc:
+                raise LockFileError(
+                    f"cannot open the job's lock file {self.path}: {exc.strerror}; run the command as a "
+                    f"user who may write to {self.job_dir} (or fix its permissions), then run it again") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -96,6 +134,8 @@ class JobLock:
 def is_locked(job_dir: str | os.PathLike) -> bool:
     """Whether a live process holds ``job_dir``'s lock (i.e. is training that job)."""
     path = Path(job_dir) / LOCK_NAME
+    if damaged_lock(path) is not None:  # nothing can hold it (and a FIFO would block the open)
+        return False
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:

@@ -33,7 +33,7 @@ from pathlib import Path
 from domainbed_fish.allocator import reuse_freed_memory
 from domainbed_fish.lifetime import end_with_launcher
 from domainbed_fish.locate import DomainBedNotFoundError, import_domainbed
-from domainbed_fish.lockfile import LOCK_NAME, JobLock, holder_pid, unlocked_trainer_pid
+from domainbed_fish.lockfile import LOCK_NAME, JobLock, LockFileError, holder_pid, unlocked_trainer_pid
 
 #: Printed (with the job directory) when a job is skipped because another process runs it.
 SKIPPED_RUNNING = "domainbed-fish: skipped, another process is training"
@@ -57,10 +57,11 @@ def clear_job_dir(job_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Train the job described by ``argv`` (DomainBed ``train`` arguments) unless it is
     done or running elsewhere; return the exit status.  Without DomainBed (or without one of
-    its dependencies) it says so and how to fix it, and exits with status 2."""
+    its dependencies), or with a damaged lock file, it says so and how to fix it, and exits
+    with status 2."""
     try:
         return _main(argv)
-    except DomainBedNotFoundError as error:
+    except (DomainBedNotFoundError, LockFileError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
 

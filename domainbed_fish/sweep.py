@@ -627,14 +627,20 @@ def delete_incomplete(jobs: Sequence[SweepJob], args: argparse.Namespace) -> int
         return 0
     import time
 
-    from domainbed_fish.lockfile import JobLock, unlocked_trainer_pid
+    from domainbed_fish.lockfile import JobLock, LockFileError, unlocked_trainer_pid
 
-    deleted, processes, scanned = 0, TrainProcesses(), time.monotonic()
+    deleted, damaged, processes, scanned = 0, 0, TrainProcesses(), time.monotonic()
     for j in to_delete:
         if time.monotonic() - scanned > 1.0:  # one scan a second, not one a job: a job may start meanwhile
             processes, scanned = TrainProcesses(), time.monotonic()
         lock = JobLock(j.job.output_dir)
-        if not lock.acquire(patience_s=0):
+        try:
+            acquired = lock.acquire(patience_s=0)
+        except LockFileError as error:  # kept: without the lock nothing tells that no one trains it
+            print(f"error: {error}", file=sys.stderr)
+            damaged += 1
+            continue
+        if not acquired:
             continue  # started meanwhile
         try:
             started = unlocked_trainer_pid(j.job.output_dir, processes) is not None  # by DomainBed's launcher
@@ -644,7 +650,7 @@ def delete_incomplete(jobs: Sequence[SweepJob], args: argparse.Namespace) -> int
         finally:
             lock.release()
     print(f"Deleted {deleted} jobs!")
-    return 0
+    return 1 if damaged else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -431,6 +431,32 @@ def test_a_job_locked_just_after_a_state_check_is_not_cleared(tmp_path, monkeypa
     assert (directory / "results.jsonl").read_text() == '{"step": 0}\n'
 
 
+def test_a_job_whose_lock_is_a_directory_fails_with_the_fix_and_the_others_run(tmp_path, monkeypatch):
+    """A damaged job directory fails that job with what to remove, not the command with an
+    IsADirectoryError traceback; nothing in it is touched, and the next job still runs."""
+    from domainbed_fish.lockfile import LOCK_NAME
+
+    damaged, other = TrainJob("LinearToy", "ERM", 0, 2, 10, 5), TrainJob("LinearToy", "ERM", 1, 2, 10, 5)
+    directory = jobs_module.run_dir(tmp_path, damaged)
+    (directory / LOCK_NAME).mkdir(parents=True)
+    (directory / "results.jsonl").write_text('{"step": 0}\n')
+    started = []
+
+    def train(command, **kwargs):
+        started.append(command[command.index("--output_dir") + 1])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(jobs_module.subprocess, "run", train)
+    assert jobs_module.job_state(tmp_path, damaged) == "to do"
+    outcomes = {o.job.name: o for o in jobs_module.run_jobs(tmp_path, [damaged, other], workers=1, runner="subprocess")}
+    lock = directory / LOCK_NAME
+    assert outcomes[damaged.name].error == (
+        f"the job's lock file {lock} is a directory, which no process can lock (a damaged job directory); "
+        f"remove it (rm -r '{lock}') and run the same command again")
+    assert started == [str(jobs_module.run_dir(tmp_path, other))]
+    assert (directory / "results.jsonl").read_text() == '{"step": 0}\n' and lock.is_dir()
+
+
 _KILLED_LAUNCHER = """
 import sys
 from pathlib import Path

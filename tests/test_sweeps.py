@@ -608,6 +608,83 @@ def test_clear_job_dir_keeps_the_lock_file_and_the_directory(tmp_path):
     lock.release()
 
 
+def _damage_lock(job: Path, damage: str) -> Path:
+    """``job``'s lock path made into ``damage``; returns the lock path."""
+    from domainbed_fish.lockfile import LOCK_NAME
+
+    job.mkdir(parents=True, exist_ok=True)
+    lock = job / LOCK_NAME
+    if damage == "directory":
+        (lock / "inside").mkdir(parents=True)
+    elif damage == "dangling link":
+        lock.symlink_to(job.parent / "elsewhere" / "lock")  # into a missing directory
+    elif damage == "dangling link to a free name":
+        lock.symlink_to(job.parent / "outside.lock")
+    else:
+        os.mkfifo(lock)
+    return lock
+
+
+@pytest.mark.parametrize(("damage", "what", "remove"), [
+    ("directory", "a directory", "rm -r"), ("dangling link", "a dangling symbolic link", "rm"),
+    ("dangling link to a free name", "a dangling symbolic link", "rm"), ("fifo", "not a regular file", "rm")])
+def test_a_lock_path_that_is_no_file_is_an_error_naming_it_and_the_fix(tmp_path, damage, what, remove):
+    """A damaged job directory: acquire names the path, what is there and how to remove it,
+    instead of a raw IsADirectoryError, a loop that never ends (a link into a missing
+    directory) or a lock file made outside the job directory; no process holds such a lock."""
+    from domainbed_fish.lockfile import LockFileError
+
+    job = tmp_path / "job"
+    lock = _damage_lock(job, damage)
+
+    def hung(*_):
+        raise TimeoutError("acquire did not return")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(LockFileError) as error:
+            JobLock(job).acquire(patience_s=0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert str(error.value) == (
+        f"the job's lock file {lock} is {what}, which no process can lock (a damaged job directory); "
+        f"remove it ({remove} '{lock}') and run the same command again")
+    assert not is_locked(job)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job"]  # nothing made outside the job
+
+
+def test_a_lock_file_that_cannot_be_opened_is_an_error_with_the_fix(tmp_path, monkeypatch):
+    """As root no permission stops the open, so it is stood in for."""
+    import domainbed_fish.lockfile as lockfile
+
+    def denied(path, *args):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(lockfile.os, "open", denied)
+    job = tmp_path / "job"
+    with pytest.raises(lockfile.LockFileError) as error:
+        JobLock(job).acquire(patience_s=0)
+    assert str(error.value) == (
+        f"cannot open the job's lock file {job / lockfile.LOCK_NAME}: Permission denied; run the command as a "
+        f"user who may write to {job} (or fix its permissions), then run it again")
+
+
+@requires_domainbed
+def test_run_job_with_a_damaged_lock_says_what_to_remove(domainbed, tmp_path, capsys):
+    from domainbed_fish import run_job
+
+    job = tmp_path / "job"
+    lock = _damage_lock(job, "directory")
+    (job / "results.jsonl").write_text('{"step": 0}\n')
+    assert run_job.main(["--dataset", "Debug28", "--output_dir", str(job)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: the job's lock file {lock} is a directory, which no process can lock (a damaged job "
+        f"directory); remove it (rm -r '{lock}') and run the same command again\n")
+    assert (job / "results.jsonl").read_text() == '{"step": 0}\n' and (lock / "inside").is_dir()
+
+
 def test_run_job_help_and_missing_output_dir_say_what_it_takes(tmp_path):
     helped = subprocess.run([PYTHON, "-m", "domainbed_fish.run_job", "--help"], capture_output=True, text=True,
                             env=sweep_env(), cwd=tmp_path, timeout=60)
@@ -1302,6 +1379,31 @@ def test_delete_incomplete_spares_a_job_started_after_the_scan(domainbed, tmp_pa
         for process in (holder, trainer):
             process.kill()
             process.wait()
+
+
+@requires_domainbed
+def test_delete_incomplete_keeps_a_job_with_a_damaged_lock_and_names_the_fix(domainbed, tmp_path, capsys):
+    """The other interrupted jobs are deleted; the damaged one is kept (without its lock
+    nothing tells that no one trains it) with the fix, and the exit status says so."""
+    from domainbed_fish import sweep
+
+    argv = ["--datasets", "Debug28", "--algorithms", "ERM", "--n_hparams", "2", "--n_trials", "1",
+            "--selection", "training", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+            "--skip_confirmation"]
+    args = sweep.build_parser().parse_args(["delete_incomplete", *argv])
+    jobs = sweep.make_jobs(sweep.resolve(args))[:2]
+    damaged, interrupted = (Path(j.job.output_dir) for j in jobs)
+    for d in (damaged, interrupted):
+        d.mkdir(parents=True)
+        (d / "results.jsonl").write_text('{"step": 0}\n')
+    lock = _damage_lock(damaged, "directory")
+    capsys.readouterr()
+    assert sweep.delete_incomplete([sweep.SweepJob(j.job, sweep.INCOMPLETE) for j in jobs], args) == 1
+    out, err = capsys.readouterr()
+    assert "Deleted 1 jobs!" in out
+    assert err == (f"error: the job's lock file {lock} is a directory, which no process can lock (a damaged job "
+                   f"directory); remove it (rm -r '{lock}') and run the same command again\n")
+    assert (damaged / "results.jsonl").exists() and not interrupted.exists()
 
 
 def _recording_launcher(monkeypatch) -> list[dict]:

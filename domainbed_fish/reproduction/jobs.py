@@ -47,7 +47,15 @@ from typing import Any, Literal
 
 from domainbed_fish.lifetime import LAUNCHER_PID_VARIABLE
 from domainbed_fish.locate import import_domainbed
-from domainbed_fish.lockfile import JobLock, TrainProcesses, holder_pid, is_locked, is_training, unlocked_trainer_pid
+from domainbed_fish.lockfile import (
+    JobLock,
+    LockFileError,
+    TrainProcesses,
+    holder_pid,
+    is_locked,
+    is_training,
+    unlocked_trainer_pid,
+)
 from domainbed_fish.reproduction.presets import TrainJob
 from domainbed_fish.results import read_jsonl, train_error_tail
 from domainbed_fish.run_job import clear_job_dir
@@ -261,7 +269,11 @@ def run_job(output_dir: Path, job: TrainJob, threads: int, runner: JobRunner | N
     # failing before it gets there is not reported with an earlier attempt's err.txt.  Only
     # under the lock: another process may be training this job.
     lock = JobLock(directory)
-    if not lock.acquire():
+    try:
+        acquired = lock.acquire()
+    except LockFileError as error:  # a failed job with the fix, not a traceback that ends every job
+        return JobOutcome(job, 0.0, str(error))
+    if not acquired:
         return JobOutcome(job, 0.0, still_running(directory))
     try:
         if (directory / "done").exists():  # another invocation finished it since the plan was made

@@ -307,6 +307,31 @@ def test_a_forked_job_writes_nothing_of_its_own_to_stderr(domainbed):
     assert (status, stderr) == (0, "")
 
 
+def test_a_fork_server_that_dies_while_starting_a_job_fails_that_job_only(tmp_path, monkeypatch):
+    """Killing the fork server mid-run made the next job's start raise EOFError out of
+    run_jobs: the command ended with a traceback and the queued jobs never ran."""
+    import multiprocessing.context
+
+    first, second = TrainJob("LinearToy", "ERM", 0, 2, 10, 5), TrainJob("LinearToy", "ERM", 1, 2, 10, 5)
+    started = []
+
+    def start(process):
+        started.append(process._args[0][process._args[0].index("--output_dir") + 1])
+        if len(started) == 1:
+            raise EOFError("unexpected EOF")
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(jobs_module, "import_domainbed", lambda *a: None)
+    monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", start)
+    outcomes = jobs_module.run_jobs(tmp_path, [first, second], workers=1, runner="forkserver")
+    assert started == [str(jobs_module.run_dir(tmp_path, job)) for job in (first, second)]
+    assert [o.error.splitlines() for o in outcomes] == [
+        ["the fork server ended while starting the job (EOFError('unexpected EOF')); run the same command again",
+         "(exit status 1)"],
+        ["the fork server ended while starting the job (ConnectionRefusedError(111, 'Connection refused')); "
+         "run the same command again", "(exit status 1)"]]
+
+
 @pytest.mark.parametrize("runner", jobs_module.JOB_RUNNERS)
 def test_a_failing_job_reports_the_train_scripts_error(domainbed, tmp_path, runner):
     """DomainBed's train script sends its stderr to err.txt and stdout, not to the process's

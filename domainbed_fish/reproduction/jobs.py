@@ -253,7 +253,12 @@ def _run_forked(train_args: list[str], threads: int) -> tuple[int, str]:
         stderr_path = Path(folder) / "stderr.txt"
         process = _forkserver_context().Process(target=_train_in_forked_child,
                                                 args=(train_args, str(stderr_path), threads, _job_env(threads)))
-        process.start()
+        try:
+            process.start()
+        except (EOFError, OSError) as error:
+            # The server died while starting the job (killed, say): this job fails, not the
+            # command; the next start launches a new server.
+            return 1, f"the fork server ended while starting the job ({error!r}); run the same command again"
         process.join()
         stderr = stderr_path.read_text(errors="replace") if stderr_path.exists() else NOT_STARTED
     return process.exitcode if process.exitcode is not None else 1, stderr

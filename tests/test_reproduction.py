@@ -653,6 +653,37 @@ def test_the_report_and_figures_show_each_measure_in_its_place(tmp_path, monkeyp
     ]
 
 
+@pytest.mark.parametrize("cut", ["report.md", "figure4_accuracy_vs_n.png", "figure5_gip_n15.png"])
+def test_a_report_cut_short_while_writing_keeps_the_earlier_files_whole(domainbed, tmp_path, monkeypatch, cut):
+    """A SIGKILL while the report was drawn left figure4 as an empty file (and report.md can be
+    cut the same way): each file is now the earlier one or the new one, never a part of one."""
+    import matplotlib.figure
+
+    from domainbed_fish.reproduction.report import write_report
+
+    preset = get_preset("quick")
+    write_report(tmp_path, preset)
+    earlier = {name: (tmp_path / name).read_bytes() for name in REPORT_FILES}
+    real_write_text, real_savefig = Path.write_text, matplotlib.figure.Figure.savefig
+
+    def cut_short(path, write, *args, **kwargs):
+        name = path.name.split(".tmp")[0]
+        if name != cut:
+            return write(path, *args, **kwargs)
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG" if name.endswith(".png") else b"# Gradient")  # the start of the file
+        raise KeyboardInterrupt  # the kill
+
+    monkeypatch.setattr(Path, "write_text", lambda path, *a, **kw: cut_short(path, real_write_text, *a, **kw))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, *a, **kw: cut_short(Path(path), lambda p, *a, **kw: real_savefig(fig, p, *a, **kw),
+                                                              *a, **kw))
+    with pytest.raises(KeyboardInterrupt):
+        write_report(tmp_path, preset, ["a later invocation"])
+    assert (tmp_path / cut).read_bytes() == earlier[cut]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(REPORT_FILES)  # nothing half-written beside
+
+
 def test_collect_reads_the_selected_and_the_last_checkpoints_accuracy(domainbed, tmp_path):
     """The selected accuracy is training-domain validation's (the checkpoint whose training domains'
     out-splits are best: step 5; the oracle would take the last), the final one the test

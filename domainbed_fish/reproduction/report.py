@@ -8,6 +8,7 @@ checkpoint chosen by DomainBed's training-domain validation
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -185,6 +186,17 @@ def targets(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return checks
 
 
+def _savefig_atomic(fig: Any, path: Path) -> None:
+    """``fig.savefig`` through a file beside ``path`` and ``os.replace``: a command killed
+    while drawing leaves the earlier figure (or none), not an empty or truncated PNG."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_figures(summary: dict[str, Any], output_dir: Path) -> None:
     import matplotlib
 
@@ -202,7 +214,7 @@ def write_figures(summary: dict[str, Any], output_dir: Path) -> None:
     ax.axhline(50, color="grey", linewidth=0.8, linestyle=":")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(output_dir / "figure4_accuracy_vs_n.png", dpi=120)
+    _savefig_atomic(fig, output_dir / "figure4_accuracy_vs_n.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -219,7 +231,7 @@ def write_figures(summary: dict[str, Any], output_dir: Path) -> None:
     ax.set_yscale("symlog", linthresh=1e-4)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(output_dir / "figure5_gip_n15.png", dpi=120)
+    _savefig_atomic(fig, output_dir / "figure5_gip_n15.png")
     plt.close(fig)
 
 
@@ -301,6 +313,6 @@ def write_report(output_dir: Path, preset: Preset, header: Sequence[str] = ()) -
     summary["missing"] = [job.name for job in missing]
     summary["targets"] = [list(check) for check in targets(summary)]
     write_text_atomic(output_dir / "report.json", json.dumps(summary, indent=2))
-    (output_dir / "report.md").write_text(render_markdown(preset, summary, missing, header))
+    write_text_atomic(output_dir / "report.md", render_markdown(preset, summary, missing, header))
     write_figures(summary, output_dir)
     return summary

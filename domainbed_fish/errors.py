@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import numbers
 from pathlib import Path
 
 
@@ -68,6 +69,17 @@ class InvalidBatchSizeError(ValueError):
             f"batch_size {batch_size!r} is not a whole number >= 1, which DomainBed's training loaders need. "
             "Pass it as a JSON integer, e.g. --hparams '{\"batch_size\": 32}' (not \"32\" or 32.0)."
         )
+
+
+def check_batch_size(batch_size: object) -> int:
+    """``batch_size`` as an ``int`` (numpy's integers too: torch's samplers refuse them).
+
+    Raises:
+        InvalidBatchSizeError: it is no whole number >= 1 (``True`` is Integral, yet no size).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise InvalidBatchSizeError(batch_size)
+    return int(batch_size)
 
 
 class BatchLargerThanSplitError(ValueError):

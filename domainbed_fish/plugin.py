@@ -12,12 +12,11 @@ warning where DomainBed's stops.  :func:`registered` lists what was added.
 from __future__ import annotations
 
 import functools
-import numbers
 from types import FunctionType, ModuleType
 from typing import Any
 
 from domainbed_fish import registry
-from domainbed_fish.errors import BatchLargerThanSplitError, InvalidBatchSizeError, UnknownNameError
+from domainbed_fish.errors import BatchLargerThanSplitError, UnknownNameError, check_batch_size
 from domainbed_fish.locate import import_domainbed
 
 _MARK = "_domainbed_fish_registered"
@@ -245,14 +244,11 @@ def _failing_fast(loader: type, weighted_fills_any_batch: bool) -> type:
 
     class Loader(loader):
         def __init__(self, dataset, weights, batch_size, num_workers):
-            # bool is Integral, but true is no batch size
-            if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-                raise InvalidBatchSizeError(batch_size)
+            batch_size = check_batch_size(batch_size)
             unweighted_or_unfillable = weights is None or not weighted_fills_any_batch
             if unweighted_or_unfillable and batch_size > len(dataset):
                 raise BatchLargerThanSplitError(batch_size, len(dataset))
-            # int(): torch's samplers refuse numpy's integers (a batch size computed with numpy)
-            super().__init__(dataset, weights, int(batch_size), num_workers)
+            super().__init__(dataset, weights, batch_size, num_workers)
 
     Loader.__name__ = Loader.__qualname__ = loader.__name__
     Loader.__module__ = loader.__module__

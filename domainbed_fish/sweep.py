@@ -292,11 +292,13 @@ def resolve(args: argparse.Namespace) -> SweepConfig:
         # The string is hashed into the job's directory: kept as typed, it names the
         # directory DomainBed's own sweep would, so either command resumes the other's sweep.
         hparams_string = args.hparams if not preset.get("hparams") else None
-    batch_size = hparams.get("batch_size", 1)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        # every job would fail at its first loader (InvalidBatchSizeError), whatever the algorithm
-        raise SystemExit(f"error: --hparams: batch_size {batch_size!r} is not a whole number >= 1; pass it as a "
-                         "JSON integer, e.g. --hparams '{\"batch_size\": 32}'. Nothing was launched.")
+    if "batch_size" in hparams:
+        from domainbed_fish.errors import InvalidBatchSizeError, check_batch_size
+
+        try:  # every job would fail at its first loader, whatever the algorithm
+            check_batch_size(hparams["batch_size"])
+        except InvalidBatchSizeError as exc:
+            raise SystemExit(f"error: --hparams: {exc} Nothing was launched.") from None
     selection_value = pick("selection")
     if selection_value is None:
         selection_value = "training,oracle" if args.single_test_envs else "all"

@@ -228,13 +228,13 @@ def _refuse_bad_train_options(pick: Callable[[str], Any]) -> None:
     (``args.steps or N_STEPS``), trains nothing yet writes ``done`` for negative steps,
     evaluates every step for a negative ``checkpoint_freq``, fails every job on a
     ``--holdout_fraction`` outside (0, 1) and on an unknown ``--task``."""
-    for name in ("steps", "checkpoint_freq"):
+    negative_means = {"steps": "no training, and mark the job done", "checkpoint_freq": "every step"}
+    for name, negative in negative_means.items():
         value = pick(name)
         if value is not None and value < 1:
-            raise SystemExit(f"error: --{name} {value}: DomainBed's train script would read "
-                             + ("0 as the dataset's default" if value == 0 else "a negative value as "
-                                + ("no training, and mark the job done" if name == "steps" else "every step"))
-                             + f"; pass --{name} 1 or more, or leave it out for the dataset's default")
+            misread = "0 as the dataset's default" if value == 0 else f"a negative value as {negative}"
+            raise SystemExit(f"error: --{name} {value}: DomainBed's train script would read {misread}; "
+                             f"pass --{name} 1 or more, or leave it out for the dataset's default")
     holdout = pick("holdout_fraction")
     if not 0 < holdout < 1:
         raise SystemExit(f"error: --holdout_fraction {holdout}: it is the share of each environment held out for "
